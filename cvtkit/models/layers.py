@@ -1,0 +1,89 @@
+"""Building blocks shared by CvT and CeiT: activations, fp32 LayerNorm, attention, checkpointing."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+ATTN_IMPLS = ("sdpa", "reference")
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of the official CvT (not nn.GELU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerNormFp32(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back, as CvT's `LayerNorm`.
+
+    The weights are upcast too, so it also works when DeepSpeed keeps the parameters in bf16.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        return out.type(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              dropout_p: float = 0.0, impl: str = "sdpa") -> torch.Tensor:
+    """Multi-head attention on `[B, heads, T, d]` tensors, returns `[B, heads, Tq, d]`.
+
+    `sdpa` dispatches to the fused flash / memory-efficient kernels on GPU; `reference` is the
+    official einsum + softmax formulation, kept as the ground truth and for benchmarks.
+    """
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    if impl == "reference":
+        attn = torch.einsum("bhlk,bhtk->bhlt", q, k) * scale
+        attn = attn.softmax(dim=-1)
+        if dropout_p > 0.0:
+            attn = F.dropout(attn, p=dropout_p)
+        return torch.einsum("bhlt,bhtv->bhlv", attn, v)
+    raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """Restore BatchNorm running statistics on exit.
+
+    Activation checkpointing runs the forward twice; without this the BN running stats would
+    take two momentum updates per step instead of one.
+    """
+    saved = [(bn, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+             for bn in module.modules()
+             if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats]
+    try:
+        yield
+    finally:
+        for bn, mean, var, count in saved:
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.num_batches_tracked.copy_(count)
+
+
+def checkpointed(block: nn.Module, *args):
+    """Run `block(*args)` under non-reentrant activation checkpointing, BN statistics updated once."""
+    return checkpoint(block, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _frozen_batchnorm_stats(block)))
+
+
+def trunc_normal_linear_init(module: nn.Module) -> None:
+    """The official init, applied with `Module.apply`: Linear weights ~ N(0, 0.02) truncated at
+    +-2 (absolute, as timm's `trunc_normal_`), zero bias; norm layers weight 1, bias 0.
+    Conv layers keep PyTorch's default init, as in both official code bases."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
