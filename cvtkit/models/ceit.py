@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 
 from .factory import CENTER_224, CENTER_384, register_model
-from .layers import ATTN_IMPLS, attention, checkpointed, trunc_normal_linear_init
+from .layers import ATTN_IMPLS, Backbone, attention, checkpointed, trunc_normal_linear_init
 
 
 class Image2Tokens(nn.Module):
@@ -161,7 +161,7 @@ class LCABlock(nn.Module):
         return h + self.feedforward(self.norm2(h))
 
 
-class CeiT(nn.Module):
+class CeiT(Backbone):
     """`[B, 3, img_size, img_size] -> [B, num_classes]`."""
 
     def __init__(self, img_size: int = 224, embed_dim: int = 192, depth: int = 12,
@@ -218,32 +218,14 @@ class CeiT(nn.Module):
         c = torch.stack(cls_per_layer, dim=1) + self.pos_layer_embed
         return self.norm(self.lca(c)).flatten(1)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        device = self.norm.weight.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            trunc_normal_linear_init(self.head)
+    def init_head(self, head: nn.Linear) -> None:
+        trunc_normal_linear_init(head)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    def set_attn_impl(self, impl: str) -> None:
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.attn_impl = impl
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:

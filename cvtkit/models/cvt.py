@@ -16,7 +16,8 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from .factory import CENTER_224, SQUASH_384, register_model
-from .layers import ATTN_IMPLS, LayerNormFp32, QuickGELU, attention, checkpointed, trunc_normal_linear_init
+from .layers import (ATTN_IMPLS, Backbone, LayerNormFp32, QuickGELU, attention, checkpointed,
+                     trunc_normal_linear_init)
 
 LayerNorm = partial(LayerNormFp32, eps=1e-5)
 
@@ -163,7 +164,7 @@ class CvTStage(nn.Module):
         return x, cls_tokens
 
 
-class CvT(nn.Module):
+class CvT(Backbone):
     """Convolutional vision Transformer: `[B, 3, H, W] -> [B, num_classes]`, any H and W.
 
     Stage attributes are named `stage0..stage{n-1}` as in the official code.
@@ -199,10 +200,7 @@ class CvT(nn.Module):
             chans = dims[i]
         self.num_stages = n
         self.norm = LayerNorm(dims[-1])
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            # The official init leaves the head bias at PyTorch's default uniform.
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
+        self.reset_classifier(num_classes)
 
     def stages(self) -> list[CvTStage]:
         return [getattr(self, f"stage{i}") for i in range(self.num_stages)]
@@ -219,21 +217,9 @@ class CvT(nn.Module):
             return self.norm(cls_tokens).flatten(1)
         return self.norm(x.flatten(2).transpose(1, 2)).mean(dim=1)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        device = self.norm.weight.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
+    def init_head(self, head: nn.Linear) -> None:
+        # The official init leaves the head bias at PyTorch's default uniform.
+        nn.init.trunc_normal_(head.weight, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
         return {f"stage{i}.cls_token" for i, s in enumerate(self.stages()) if s.cls_token is not None}
@@ -241,11 +227,6 @@ class CvT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages():
             stage.grad_checkpointing = enable
-
-    def set_attn_impl(self, impl: str) -> None:
-        for m in self.modules():
-            if isinstance(m, ConvAttention):
-                m.attn_impl = impl
 
 
 # 224 evaluation: resize 256 + centre crop 224; 384: square warp, no crop (SPEC B5).

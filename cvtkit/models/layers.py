@@ -87,3 +87,43 @@ def trunc_normal_linear_init(module: nn.Module) -> None:
         if module.weight is not None:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+class Backbone(nn.Module):
+    """The interface both families share (timm's): `forward_features` -> `[B, num_features]`,
+    `forward_head`, `reset_classifier`, `set_attn_impl`. Subclasses set `num_features`,
+    `num_classes`, `head` and `norm`, and say how a new head is initialised."""
+
+    num_features: int
+    num_classes: int
+
+    def init_head(self, head: nn.Linear) -> None:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh head for `num_classes` (0: features only), on the model's device."""
+        self.num_classes = num_classes
+        if num_classes > 0:
+            self.head = nn.Linear(self.num_features, num_classes, device=self.norm.weight.device)
+            self.init_head(self.head)
+        else:
+            self.head = nn.Identity()
+
+    def set_attn_impl(self, impl: str) -> None:
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
+        for m in self.modules():
+            if hasattr(m, "attn_impl"):
+                m.attn_impl = impl
