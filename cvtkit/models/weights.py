@@ -22,6 +22,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .ceit import CeiT, resize_pos_embed
+from .factory import create_model
+
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_META = "cvtkit.json"
 EXPORT_FORMAT = "cvtkit-export/1"
@@ -161,8 +164,6 @@ def read_checkpoint(path: str | Path, use_ema: bool = False) -> Checkpoint:
 
 def _adapt_pos_embed(model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> None:
     """A CeiT checkpoint from another resolution: resize its position embedding (DeiT rule)."""
-    from .ceit import CeiT, resize_pos_embed
-
     if isinstance(model, CeiT) and "pos_embed" in state:
         have, want = state["pos_embed"].shape, model.pos_embed.shape
         if have != want and have[0] == 1 and have[2] == want[2]:
@@ -230,8 +231,6 @@ def save_export(model: nn.Module, out_dir: str | Path, classes: list | None = No
 
 def model_from_export(path: str | Path) -> nn.Module:
     """Build the model an export describes and load its weights strictly."""
-    from .factory import create_model
-
     ckpt = read_checkpoint(path)
     if ckpt.source_format != "export":
         raise CheckpointError(f"{ckpt.path}: not a cvtkit export (no {EXPORT_META} beside it)")
