@@ -1,0 +1,1 @@
+"""Data: preparing ImageNet into shards (`prep`), and loading them for training."""

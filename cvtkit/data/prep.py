@@ -1,0 +1,337 @@
+"""ImageNet (22k or 1k) into webdataset shards: planned deterministically, written in parallel,
+restartable, with `_info.json` (timm's format plus classes, sha256 and a report) written last.
+
+The plan (which image goes to which shard, in which order) is a pure function of the source
+listing and the options, so a restarted run recomputes it, keeps the shards already finished
+(each has a manifest entry written after its atomic rename) and writes the rest: the result is
+byte-identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .images import BadImage, Resize, prepare_image
+from .shardfile import file_sha256, write_json_atomic, write_shard
+from .sources import Item, Source, SourceError, scan
+
+INFO_FILE = "_info.json"
+MANIFEST_DIR = "_manifest"
+OPTIONS_FILE = "_options.json"
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    source: str
+    out: str
+    prefix: str = "imagenet"
+    shard_samples: int = 1000
+    shard_bytes: int = 0  # > 0: cut shards by source bytes instead of sample count
+    workers: int = 4
+    resize: str | None = None  # "shorter:256" / "longer:512"; None copies JPEGs untouched
+    quality: int = 90
+    seed: int = 0
+    holdout: int = 50  # per class (at most half of it), for sources without a validation split (22k)
+    classes: tuple[str, ...] = ()  # a subset of synsets; empty: all
+    val_labels: str | None = None
+
+    def __post_init__(self):
+        if self.shard_samples <= 0:
+            raise ValueError(f"shard size: expected a positive number of samples, got {self.shard_samples}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality: expected 1..100, got {self.quality}")
+        if self.holdout < 0:
+            raise ValueError(f"holdout: expected >= 0, got {self.holdout}")
+        if self.resize:
+            Resize.parse(self.resize)
+
+    def fingerprint(self) -> dict:
+        """What determines the bytes of the output (workers do not)."""
+        d = asdict(self)
+        d.pop("workers")
+        d.pop("out")
+        d["classes"] = list(self.classes)
+        return d
+
+
+@dataclass
+class ShardTask:
+    split: str
+    index: int
+    path: Path
+    items: list[Item]
+    labels: list[int]
+    resize: Resize | None
+    quality: int
+
+
+@dataclass
+class ShardResult:
+    split: str
+    index: int
+    name: str
+    num_samples: int
+    sha256: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    converted: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _ordered_hash(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def plan_splits(source: Source, opts: PrepOptions) -> tuple[list[str], dict[str, list[Item]]]:
+    """Classes (sorted synsets) and the shuffled items of each split."""
+    wanted = set(opts.classes)
+    if wanted:
+        present = {i.synset for i in source.splits["train"]}
+        missing = sorted(wanted - present)
+        if missing:
+            raise SourceError(f"{source.root}: classes not in the source: {', '.join(missing[:5])}")
+    splits = {name: [i for i in items if not wanted or i.synset in wanted]
+              for name, items in source.splits.items()}
+    classes = sorted({i.synset for i in splits["train"]})
+    if "validation" not in splits and opts.holdout > 0:
+        # A fixed number per class, chosen by a seeded hash of the key: stable whatever the
+        # listing order, and the same images whatever the other options.
+        by_class: dict[str, list[Item]] = {}
+        for item in splits["train"]:
+            by_class.setdefault(item.synset, []).append(item)
+        held = set()
+        for items in by_class.values():
+            ranked = sorted(items, key=lambda i: _ordered_hash(opts.seed, i.key))
+            # At most half of a small class, so that every class keeps training images.
+            held.update(i.key for i in ranked[:min(opts.holdout, len(items) // 2)])
+        splits["validation"] = [i for i in splits["train"] if i.key in held]
+        splits["train"] = [i for i in splits["train"] if i.key not in held]
+    known = set(classes)
+    for name, items in splits.items():
+        stray = sorted({i.synset for i in items} - known)
+        if stray:
+            raise SourceError(f"{source.root}: {name} images of classes with no training images: {stray[:5]}")
+        items.sort(key=lambda i: i.key)
+        random.Random(f"{opts.seed}:{name}").shuffle(items)
+    return classes, splits
+
+
+def cut_shards(items: list[Item], opts: PrepOptions) -> list[list[Item]]:
+    shards, current, size = [], [], 0
+    for item in items:
+        full = (len(current) >= opts.shard_samples if opts.shard_bytes <= 0
+                else current and size + item.size > opts.shard_bytes)
+        if full:
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item.size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_name(prefix: str, split: str, index: int) -> str:
+    return f"{prefix}-{split}-{index:06d}.tar"
+
+
+def process_shard(task: ShardTask) -> ShardResult:
+    """Read, check and convert every image of one shard and write it; runs in a worker."""
+    samples, skipped, converted = [], [], []
+    for item, label in zip(task.items, task.labels):
+        try:
+            img = prepare_image(item.read(), task.resize, task.quality)
+        except BadImage as e:
+            skipped.append((item.filename, str(e)))
+            continue
+        except OSError as e:
+            skipped.append((item.filename, f"unreadable ({e.strerror or e})"))
+            continue
+        if img.note and not img.note.startswith("resized"):
+            converted.append((item.filename, img.note))
+        record = dict(label=label, synset=item.synset, filename=item.filename,
+                      width=img.width, height=img.height)
+        if (img.width, img.height) != (img.orig_width, img.orig_height):
+            record.update(orig_width=img.orig_width, orig_height=img.orig_height)
+        samples.append((item.key, img.jpeg, label, record))
+    digest = write_shard(task.path, samples)
+    return ShardResult(task.split, task.index, task.path.name, len(samples), digest, skipped, converted)
+
+
+def class_names(synsets: list[str]) -> list[str]:
+    from timm.data import ImageNetInfo  # timm imports torch: kept out of the worker processes
+
+    info = ImageNetInfo("imagenet-22k")
+    names = []
+    for s in synsets:
+        try:
+            names.append(info.label_name_to_description(s))
+        except Exception:  # noqa: BLE001 - a synset outside timm's lists keeps its id as name
+            names.append(s)
+    return names
+
+
+def synset_map_1k(classes: list[str]) -> dict[str, int | None]:
+    """For each ImageNet-1k synset, its index among `classes`, or None (e.g. n04399382)."""
+    from timm.data import ImageNetInfo
+
+    index = {s: i for i, s in enumerate(classes)}
+    return {s: index.get(s) for s in ImageNetInfo("imagenet-1k").label_names()}
+
+
+def _check_options(out: Path, opts: PrepOptions) -> None:
+    """Refuse to mix the shards of two different jobs in one folder."""
+    path = out / OPTIONS_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != opts.fingerprint():
+            diff = sorted(k for k in set(before) | set(opts.fingerprint())
+                          if before.get(k) != opts.fingerprint().get(k))
+            raise SourceError(f"{out}: holds shards made with other options ({', '.join(diff)}); "
+                              f"use another --out or empty it")
+    else:
+        write_json_atomic(path, opts.fingerprint())
+
+
+def run(opts: PrepOptions, progress: bool = True) -> dict:
+    """Do the whole job (or what is left of it); returns the `_info.json` content."""
+    source = scan(opts.source, opts.val_labels)
+    classes, splits = plan_splits(source, opts)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_options(out, opts)
+    (out / MANIFEST_DIR).mkdir(exist_ok=True)
+    for leftover in [*out.glob(".*.tmp*"), *(out / MANIFEST_DIR).glob(".*.tmp*")]:
+        leftover.unlink()  # a write cut short by a kill; its shard is redone below
+    label_of = {s: i for i, s in enumerate(classes)}
+    resize = Resize.parse(opts.resize) if opts.resize else None
+
+    tasks, done = [], []
+    for split, items in splits.items():
+        for index, shard in enumerate(cut_shards(items, opts)):
+            path = out / shard_name(opts.prefix, split, index)
+            entry = out / MANIFEST_DIR / (path.name + ".json")
+            if entry.is_file() and path.is_file():
+                done.append(ShardResult(**json.loads(entry.read_text())))
+                continue
+            tasks.append(ShardTask(split, index, path, shard, [label_of[i.synset] for i in shard],
+                                   resize, opts.quality))
+    total = sum(len(t.items) for t in tasks)
+    start = time.time()
+    bar = tqdm(total=total, unit="img", desc=f"shards -> {out}", disable=not progress,
+               smoothing=0.1, dynamic_ncols=True)
+    if progress:
+        bar.write(f"{source.layout} source {source.root}: {len(classes)} classes, "
+                  + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
+                  + f"; {len(done)} shards already done, {len(tasks)} to write")
+
+    def finished(result: ShardResult):
+        # The manifest entry is the commit record: written only after the shard's rename.
+        write_json_atomic(out / MANIFEST_DIR / (result.name + ".json"), asdict(result))
+        done.append(result)
+        bar.update(result.num_samples + len(result.skipped))
+
+    if opts.workers > 1 and len(tasks) > 1:
+        with mp.get_context("spawn").Pool(opts.workers) as pool:
+            for result in pool.imap_unordered(process_shard, tasks):
+                finished(result)
+    else:
+        for task in tasks:
+            finished(process_shard(task))
+    bar.close()
+
+    info = build_info(opts, source, classes, splits.keys(), done)
+    write_json_atomic(out / INFO_FILE, info)
+    if progress:
+        rep = info["report"]
+        print(f"done in {time.time() - start:.1f}s: "
+              + ", ".join(f"{s['num_samples']} {k} in {len(s['filenames'])} shards"
+                          for k, s in info["splits"].items())
+              + f"; skipped {rep['num_skipped']}, converted {rep['num_converted']}, "
+              + f"rejected {rep['num_rejected']} (details in {out / INFO_FILE})")
+    return info
+
+
+def build_info(opts: PrepOptions, source: Source, classes: list[str], split_names, results) -> dict:
+    by_split: dict[str, list[ShardResult]] = {}
+    for r in sorted(results, key=lambda r: (r.split, r.index)):
+        by_split.setdefault(r.split, []).append(r)
+    names = class_names(classes)
+    skipped = sorted({tuple(s) for r in results for s in r.skipped})
+    converted = sorted({tuple(c) for r in results for c in r.converted})
+    info = {
+        "name": opts.prefix,
+        "source": {"path": str(source.root), "layout": source.layout},
+        "options": opts.fingerprint(),
+        "num_classes": len(classes),
+        "classes": [{"index": i, "synset": s, "name": n} for i, (s, n) in enumerate(zip(classes, names))],
+        "classes_sha256": hashlib.sha256("\n".join(classes).encode()).hexdigest(),
+        "splits": {
+            split: {
+                "name": split,
+                "num_samples": sum(r.num_samples for r in shards),
+                "filenames": [r.name for r in shards],
+                "shard_lengths": [r.num_samples for r in shards],
+                "shard_sha256": [r.sha256 for r in shards],
+            } for split in split_names if (shards := by_split.get(split))
+        },
+        "report": {
+            "num_skipped": len(skipped), "num_converted": len(converted),
+            "num_rejected": len(source.rejected),
+            "skipped": [{"file": f, "reason": why} for f, why in skipped],
+            "converted": [{"file": f, "reason": why} for f, why in converted],
+            "rejected": [{"file": f, "reason": why} for f, why in sorted(source.rejected)],
+        },
+    }
+    if source.layout != "imagenet1k":
+        info["synset_map_1k"] = synset_map_1k(classes)
+    return info
+
+
+def verify(out: str | Path, decode_per_shard: int = 2) -> list[str]:
+    """Recount every shard of `out/_info.json`, check sha256 and lengths, decode a few images.
+
+    Returns the problems found (empty: all good)."""
+    import tarfile
+
+    from PIL import Image
+
+    out = Path(out)
+    info_path = out / INFO_FILE
+    if not info_path.is_file():
+        return [f"{info_path}: missing (the job has not finished)"]
+    info = json.loads(info_path.read_text())
+    problems = []
+    for split, s in info["splits"].items():
+        if sum(s["shard_lengths"]) != s["num_samples"]:
+            problems.append(f"{split}: shard_lengths add up to {sum(s['shard_lengths'])}, "
+                            f"num_samples says {s['num_samples']}")
+        for name, length, digest in zip(s["filenames"], s["shard_lengths"], s["shard_sha256"]):
+            path = out / name
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+                continue
+            if file_sha256(path) != digest:
+                problems.append(f"{path}: sha256 differs from {INFO_FILE}")
+            try:
+                with tarfile.open(path) as tar:
+                    members = tar.getmembers()
+                    keys = {m.name.split(".", 1)[0] for m in members}
+                    if len(keys) != length or len(members) != 3 * length:
+                        problems.append(f"{path}: {len(keys)} samples, {INFO_FILE} says {length}")
+                    for m in [m for m in members if m.name.endswith(".jpg")][:decode_per_shard]:
+                        with Image.open(tar.extractfile(m)) as img:
+                            img.convert("RGB").load()
+                    for m in [m for m in members if m.name.endswith(".cls")]:
+                        label = int(tar.extractfile(m).read())
+                        if not 0 <= label < info["num_classes"]:
+                            problems.append(f"{path}: {m.name} has label {label} outside 0..{info['num_classes'] - 1}")
+                            break
+            except (tarfile.TarError, OSError, ValueError) as e:
+                problems.append(f"{path}: unreadable ({e})")
+    return problems

@@ -1,0 +1,225 @@
+"""data_prep/make_shards.py on real JPEG trees in every source layout, with bad files and kills."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm.data
+from PIL import Image
+
+from cvtkit.data.images import BadImage, Resize, prepare_image
+from cvtkit.data.prep import INFO_FILE, MANIFEST_DIR, PrepOptions, run, verify
+from cvtkit.data.sources import SourceError, scan
+
+import fake_imagenet as fake
+
+REPO = Path(__file__).resolve().parents[1]
+MAKE_SHARDS = [sys.executable, str(REPO / "data_prep" / "make_shards.py")]
+
+
+def opts(**kw) -> PrepOptions:
+    """One worker unless a test asks for more: each spawned worker costs a process start."""
+    return PrepOptions(**{"workers": 1, **kw})
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+def read_samples(out: Path, split="train"):
+    """All samples through timm's own webdataset reader."""
+    ds = timm.data.create_dataset("wds/imagenet", root=str(out), split=split, is_training=False,
+                                  batch_size=1)
+    return [(img, target) for img, target in ds]
+
+
+@pytest.mark.parametrize("kind", list(fake.BAD_FILES))
+def test_bad_images_are_skipped_or_converted(kind):
+    import random
+    make, outcome = fake.BAD_FILES[kind]
+    raw = make(random.Random(0))
+    if outcome == "skip":
+        with pytest.raises(BadImage):
+            prepare_image(raw)
+    else:
+        img = prepare_image(raw)
+        assert img.note and Image.open(__import__("io").BytesIO(img.jpeg)).mode == "RGB"
+        assert Image.open(__import__("io").BytesIO(img.jpeg)).format == "JPEG"
+
+
+def test_valid_jpeg_is_copied_untouched_and_resize_shrinks():
+    import io
+    import random
+    raw = fake.jpeg(random.Random(0), size=(120, 80))
+    img = prepare_image(raw)
+    assert img.jpeg is raw and (img.width, img.height) == (120, 80) and not img.note
+    small = prepare_image(raw, Resize.parse("shorter:40"))
+    assert (small.width, small.height) == (60, 40) and Image.open(io.BytesIO(small.jpeg)).size == (60, 40)
+    assert prepare_image(raw, Resize.parse("longer:200")).jpeg is raw  # never enlarge
+    with pytest.raises(ValueError, match="expected shorter:N or longer:N"):
+        Resize.parse("short:40")
+
+
+def test_folder22k_counts_labels_holdout_and_timm_reads(tmp_path):
+    src = fake.make_folder22k(tmp_path / "src")
+    info = run(opts(source=str(src), out=str(tmp_path / "out"), shard_samples=5, workers=2,
+                           holdout=3, prefix="imagenet22k"), progress=False)
+    classes = [c["synset"] for c in info["classes"]]
+    assert classes == sorted(fake.SYNSETS[:3]) and info["num_classes"] == 3
+    assert info["classes"][0]["name"] == "tench, Tinca tinca"
+    rep = info["report"]
+    assert rep["num_skipped"] == 3 and rep["num_converted"] == 5
+    assert {r["file"].split("_")[-1] for r in rep["skipped"]} == {"empty.JPEG", "text.JPEG", "truncated.JPEG"}
+    train, val = info["splits"]["train"], info["splits"]["validation"]
+    assert train["num_samples"] + val["num_samples"] == 12 * 3 + 5  # every good or converted image
+    assert val["num_samples"] <= 9 and all(n.startswith("imagenet22k-train-") for n in train["filenames"])
+    assert train["filenames"][0] == "imagenet22k-train-000000.tar"
+    # The 1k map: tench and goldfish found, teddy bear (not in fall11) has no 22k row.
+    assert info["synset_map_1k"]["n01440764"] == 0 and info["synset_map_1k"]["n04399382"] is None
+    assert verify(tmp_path / "out") == []
+    samples = read_samples(tmp_path / "out")
+    assert len(samples) == train["num_samples"]
+    assert {t for _, t in samples} == {0, 1, 2}
+    assert all(img.mode == "RGB" for img, _ in samples)
+    # Shuffled across shards: the first shard already mixes classes.
+    import tarfile
+    with tarfile.open(tmp_path / "out" / train["filenames"][0]) as tar:
+        labels = {int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")}
+        records = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+        names = [m.name for m in tar]
+    assert len(labels) > 1
+    assert all(n.count(".") == 1 for n in names)
+    assert set(records[0]) >= {"label", "synset", "filename", "width", "height"}
+
+
+def test_output_is_deterministic_whatever_the_workers(tmp_path):
+    src = fake.make_folder22k(tmp_path / "src")
+    a = run(opts(source=str(src), out=str(tmp_path / "a"), shard_samples=4, workers=1), progress=False)
+    b = run(opts(source=str(src), out=str(tmp_path / "b"), shard_samples=4, workers=3), progress=False)
+    assert a == b
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+    c = run(opts(source=str(src), out=str(tmp_path / "c"), shard_samples=4, seed=1), progress=False)
+    assert c["splits"]["train"]["shard_sha256"] != a["splits"]["train"]["shard_sha256"]
+
+
+def test_tar_of_synset_tars_is_read_in_place(tmp_path):
+    tar = fake.make_tar22k(tmp_path / "fall11_whole.tar")
+    source = scan(tar)
+    assert source.layout == "tar22k"
+    assert sorted(r for _, r in source.rejected) == ["'..' in tar member path", "absolute path in tar member"]
+    info = run(opts(source=str(tar), out=str(tmp_path / "out"), shard_samples=6, holdout=2),
+               progress=False)
+    assert info["report"]["num_rejected"] == 2 and info["report"]["num_skipped"] == 3
+    total = sum(s["num_samples"] for s in info["splits"].values())
+    assert total == 12 * 3 + 5
+    assert verify(tmp_path / "out") == []
+    assert len(read_samples(tmp_path / "out", "validation")) == info["splits"]["validation"]["num_samples"]
+
+
+@pytest.mark.parametrize("flat_val", ["csv", "list", None])
+def test_imagenet1k_layouts(tmp_path, flat_val):
+    src = fake.make_imagenet1k(tmp_path / "in1k", flat_val=flat_val)
+    info = run(opts(source=str(src), out=str(tmp_path / "out"), prefix="imagenet1k",
+                           shard_samples=8), progress=False)
+    assert info["splits"]["train"]["num_samples"] == 40
+    assert info["splits"]["validation"]["num_samples"] == 12
+    assert "synset_map_1k" not in info
+    val = read_samples(tmp_path / "out", "validation")
+    assert sorted(t for _, t in val) == sorted([0, 1, 2, 3] * 3)
+
+
+def test_class_subset(tmp_path):
+    src = fake.make_imagenet1k(tmp_path / "in1k")
+    info = run(opts(source=str(src), out=str(tmp_path / "out"), classes=("n01443537", "n04399382")),
+               progress=False)
+    assert [c["synset"] for c in info["classes"]] == ["n01443537", "n04399382"]
+    assert info["splits"]["validation"]["num_samples"] == 6
+    with pytest.raises(SourceError, match="classes not in the source: n09999999"):
+        run(opts(source=str(src), out=str(tmp_path / "o2"), classes=("n09999999",)), progress=False)
+
+
+def test_kill_and_rerun_gives_identical_output(tmp_path):
+    src = fake.make_folder22k(tmp_path / "src", per_class=30)
+    args = ["--source", str(src), "--shard-samples", "2", "--workers", "1", "--quiet"]
+    subprocess.run(MAKE_SHARDS + args + ["--out", str(tmp_path / "clean")], check=True)
+    out = tmp_path / "killed"
+    for _ in range(2):  # killed twice at different points, then completed
+        proc = subprocess.Popen(MAKE_SHARDS + args + ["--out", str(out)])
+        deadline = time.time() + 120
+        target = len(list((out / MANIFEST_DIR).glob("*.json"))) + 3 if (out / MANIFEST_DIR).exists() else 3
+        while time.time() < deadline and proc.poll() is None:
+            if (out / MANIFEST_DIR).exists() and len(list((out / MANIFEST_DIR).glob("*.json"))) >= target:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (out / INFO_FILE).exists()  # written last
+    # A shard renamed but not yet recorded is redone: simulate by dropping one manifest entry.
+    entries = sorted((out / MANIFEST_DIR).glob("*.json"))
+    entries[0].unlink()
+    subprocess.run(MAKE_SHARDS + args + ["--out", str(out)], check=True)
+    assert shard_bytes(out) == shard_bytes(tmp_path / "clean")
+    assert json.loads((out / INFO_FILE).read_text()) == json.loads((tmp_path / "clean" / INFO_FILE).read_text())
+    assert not [p for p in out.rglob(".*tmp*")]
+
+
+def test_changed_options_are_refused(tmp_path):
+    src = fake.make_imagenet1k(tmp_path / "in1k")
+    run(opts(source=str(src), out=str(tmp_path / "out")), progress=False)
+    with pytest.raises(SourceError, match="holds shards made with other options \\(seed\\)"):
+        run(opts(source=str(src), out=str(tmp_path / "out"), seed=5), progress=False)
+    run(opts(source=str(src), out=str(tmp_path / "out"), workers=1), progress=False)  # fine
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("missing", None, "source not found"),
+    ("empty", "dir", "unrecognised layout"),
+    ("x.tar.gz", b"\x1f\x8b", "compressed tar sources"),
+    ("notes.txt", b"hi", "not a tar file nor a folder"),
+])
+def test_bad_sources_fail_with_one_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    proc = subprocess.run(MAKE_SHARDS + ["--source", str(path), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and message in proc.stderr
+    assert proc.stderr.count("\n") == 1 and str(path) in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_flat_val_without_labels_is_an_error(tmp_path):
+    src = fake.make_imagenet1k(tmp_path / "in1k", flat_val="csv")
+    (src / "LOC_val_solution.csv").unlink()
+    with pytest.raises(SourceError, match="flat validation images need a labels file"):
+        scan(src)
+
+
+def test_verify_shards_finds_damage(tmp_path):
+    src = fake.make_imagenet1k(tmp_path / "in1k")
+    info = run(opts(source=str(src), out=str(tmp_path / "out"), shard_samples=8), progress=False)
+    verify_cli = [sys.executable, str(REPO / "data_prep" / "verify_shards.py"), str(tmp_path / "out")]
+    assert subprocess.run(verify_cli, capture_output=True).returncode == 0
+    shard = tmp_path / "out" / info["splits"]["train"]["filenames"][1]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.remove(tmp_path / "out" / info["splits"]["validation"]["filenames"][0])
+    proc = subprocess.run(verify_cli, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "sha256 differs" in proc.stderr and "missing" in proc.stderr
+
+
+def test_resize_mode_records_original_size(tmp_path):
+    src = fake.make_imagenet1k(tmp_path / "in1k")
+    run(opts(source=str(src), out=str(tmp_path / "out"), resize="shorter:24", quality=80),
+        progress=False)
+    for img, _ in read_samples(tmp_path / "out"):
+        assert min(img.size) <= 24
