@@ -223,3 +223,32 @@ def test_resize_mode_records_original_size(tmp_path):
         progress=False)
     for img, _ in read_samples(tmp_path / "out"):
         assert min(img.size) <= 24
+
+
+def test_make_ffcv_writes_betons_that_ffcv_reads(tmp_path):
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    from cvtkit.data.ffcv_files import ShardIndex
+
+    src = fake.make_imagenet1k(tmp_path / "in1k")
+    run(opts(source=str(src), out=str(tmp_path / "wds"), shard_samples=16), progress=False)
+    cli = [sys.executable, str(REPO / "data_prep" / "make_ffcv.py"), "--shards", str(tmp_path / "wds"),
+           "--out", str(tmp_path / "ffcv"), "--max-resolution", "64", "--workers", "1"]
+    proc = subprocess.run(cli, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "train.beton: 40 samples" in proc.stdout and "validation.beton: 12 samples" in proc.stdout
+    for split, n in (("train", 40), ("validation", 12)):
+        loader = Loader(str(tmp_path / "ffcv" / f"{split}.beton"), batch_size=8, num_workers=1,
+                        order=OrderOption.SEQUENTIAL, drop_last=False,
+                        pipelines={"image": [CenterCropRGBImageDecoder((24, 24), 1.0), ToTensor()],
+                                   "label": [IntDecoder(), ToTensor()]})
+        images, labels = [], []
+        for x, y in loader:
+            images.append(x)
+            labels += y.flatten().tolist()
+        assert labels == [s.label for s in ShardIndex(tmp_path / "wds", split).samples]
+        assert sum(len(x) for x in images) == n and images[0].shape[1:] == (24, 24, 3)
+    bad = subprocess.run(cli[:3] + [str(tmp_path / "nowhere")] + cli[4:], capture_output=True, text=True)
+    assert bad.returncode == 2 and "_info.json: missing" in bad.stderr
