@@ -120,6 +120,20 @@ def test_tar_of_synset_tars_is_read_in_place(tmp_path):
     assert len(read_samples(tmp_path / "out", "validation")) == info["splits"]["validation"]["num_samples"]
 
 
+def test_compressed_tar_is_streamed_to_the_same_shards(tmp_path):
+    import gzip
+    tar = fake.make_tar22k(tmp_path / "winter21_whole.tar")
+    gz = tmp_path / "winter21_whole.tar.gz"
+    gz.write_bytes(gzip.compress(tar.read_bytes()))
+    assert scan(gz).layout == "targz22k"
+    plain = run(opts(source=str(tar), out=str(tmp_path / "plain"), shard_samples=5, holdout=2), progress=False)
+    streamed = run(opts(source=str(gz), out=str(tmp_path / "gz"), shard_samples=5, holdout=2), progress=False)
+    assert shard_bytes(tmp_path / "gz") == shard_bytes(tmp_path / "plain")
+    assert streamed["splits"] == plain["splits"] and streamed["report"] == plain["report"]
+    assert not (tmp_path / "gz" / "_spool").exists()
+    assert verify(tmp_path / "gz") == []
+
+
 @pytest.mark.parametrize("flat_val", ["csv", "list", None])
 def test_imagenet1k_layouts(tmp_path, flat_val):
     src = fake.make_imagenet1k(tmp_path / "in1k", flat_val=flat_val)
@@ -178,7 +192,7 @@ def test_changed_options_are_refused(tmp_path):
 @pytest.mark.parametrize("name,content,message", [
     ("missing", None, "source not found"),
     ("empty", "dir", "unrecognised layout"),
-    ("x.tar.gz", b"\x1f\x8b", "compressed tar sources"),
+    ("x.tar.gz", b"\x1f\x8b", "not a tar file nor a folder"),
     ("notes.txt", b"hi", "not a tar file nor a folder"),
 ])
 def test_bad_sources_fail_with_one_line(tmp_path, name, content, message):
@@ -252,3 +266,12 @@ def test_make_ffcv_writes_betons_that_ffcv_reads(tmp_path):
         assert sum(len(x) for x in images) == n and images[0].shape[1:] == (24, 24, 3)
     bad = subprocess.run(cli[:3] + [str(tmp_path / "nowhere")] + cli[4:], capture_output=True, text=True)
     assert bad.returncode == 2 and "_info.json: missing" in bad.stderr
+
+
+def test_truncated_compressed_tar_is_a_clear_error(tmp_path):
+    import gzip
+    tar = fake.make_tar22k(tmp_path / "w.tar")
+    data = gzip.compress(tar.read_bytes())
+    (tmp_path / "w.tar.gz").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(SourceError, match="w.tar.gz: damaged tar"):
+        scan(tmp_path / "w.tar.gz")

@@ -8,10 +8,12 @@ byte-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,11 +22,12 @@ from tqdm import tqdm
 
 from .images import BadImage, Resize, prepare_image
 from .shardfile import file_sha256, write_json_atomic, write_shard
-from .sources import Item, Source, SourceError, scan
+from .sources import Item, Source, SourceError, iter_stream_tar_of_tars, scan
 
 INFO_FILE = "_info.json"
 MANIFEST_DIR = "_manifest"
 OPTIONS_FILE = "_options.json"
+SPOOL_DIR = "_spool"
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,8 @@ def run(opts: PrepOptions, progress: bool = True) -> dict:
                 continue
             tasks.append(ShardTask(split, index, path, shard, [label_of[i.synset] for i in shard],
                                    resize, opts.quality))
+    if tasks and source.layout == "targz22k":
+        tasks = spool(source, tasks, out / SPOOL_DIR, progress)
     total = sum(len(t.items) for t in tasks)
     start = time.time()
     bar = tqdm(total=total, unit="img", desc=f"shards -> {out}", disable=not progress,
@@ -245,6 +250,8 @@ def run(opts: PrepOptions, progress: bool = True) -> dict:
             finished(process_shard(task))
     bar.close()
 
+    if (out / SPOOL_DIR).is_dir():
+        shutil.rmtree(out / SPOOL_DIR)
     info = build_info(opts, source, classes, splits.keys(), done)
     write_json_atomic(out / INFO_FILE, info)
     if progress:
@@ -255,6 +262,49 @@ def run(opts: PrepOptions, progress: bool = True) -> dict:
               + f"; skipped {rep['num_skipped']}, converted {rep['num_converted']}, "
               + f"rejected {rep['num_rejected']} (details in {out / INFO_FILE})")
     return info
+
+
+def spool(source: Source, tasks: list[ShardTask], spool_dir: Path, progress: bool) -> list[ShardTask]:
+    """A compressed source cannot be read at random: stream it once more and append each image
+    of a shard still to write to `spool_dir/<shard>.bin`, then point the items there.
+
+    The spool holds the remaining shards' source bytes (deleted at the end). A kill during this
+    pass redoes it; finished shards are never spooled again."""
+    spool_dir.mkdir(exist_ok=True)
+    target = {item.filename: n for n, t in enumerate(tasks) for item in t.items}
+    files = [spool_dir / (t.path.name + ".bin") for t in tasks]
+    sizes = [0] * len(tasks)
+    for f in files:
+        f.write_bytes(b"")
+    offsets: dict[str, int] = {}
+    handles: dict[int, object] = {}
+    bar = tqdm(total=sum(i.size for t in tasks for i in t.items), unit="B", unit_scale=True,
+               desc=f"spooling {source.root.name}", disable=not progress, dynamic_ncols=True)
+    try:
+        for outer_name, inner_name, data in iter_stream_tar_of_tars(source.root):
+            n = target.get(f"{outer_name}:{inner_name}") if data is not None else None
+            if n is None:
+                continue
+            if n not in handles:
+                if len(handles) >= 256:  # stay far below the open-file limit
+                    for h in handles.values():
+                        h.close()
+                    handles.clear()
+                handles[n] = open(files[n], "ab")
+            handles[n].write(data)
+            offsets[f"{outer_name}:{inner_name}"] = sizes[n]
+            sizes[n] += len(data)
+            bar.update(len(data))
+    finally:
+        for h in handles.values():
+            h.close()
+        bar.close()
+    missing = [f for f in target if f not in offsets]
+    if missing:
+        raise SourceError(f"{source.root}: changed since it was listed ({missing[0]} not found again)")
+    return [dataclasses.replace(t, items=[dataclasses.replace(i, path=str(files[n]), offset=offsets[i.filename])
+                                          for i in t.items])
+            for n, t in enumerate(tasks)]
 
 
 def build_info(opts: PrepOptions, source: Source, classes: list[str], split_names, results) -> dict:

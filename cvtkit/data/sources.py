@@ -3,6 +3,7 @@
 - `folder22k`: `ROOT/<synset>/*.JPEG` (extracted ImageNet-22k);
 - `tar22k`: `fall11_whole.tar` / `winter21_whole.tar`, a tar of per-synset tars, read in place by
   offset (never extracted);
+- `targz22k`: the same compressed (`winter21_whole.tar.gz`), read as a stream (see `prep.spool`);
 - `imagenet1k`: `ROOT/train/<synset>/*.JPEG` and `ROOT/val/`, the latter as synset folders or flat
   files labelled by `LOC_val_solution.csv` or a `filename label` list.
 Every item is located, not read: workers read the bytes themselves, in parallel.
@@ -13,11 +14,13 @@ import csv
 import os
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 SYNSET = re.compile(r"^n\d{8}$")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+STREAMED = -2
 VAL_LABEL_FILES = ("LOC_val_solution.csv", "val_labels.txt", "ILSVRC2012_validation_labels.txt")
 
 
@@ -27,7 +30,8 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class Item:
-    """One image of the source. `offset >= 0`: `size` bytes at `offset` inside the file `path`."""
+    """One image of the source. `offset >= 0`: `size` bytes at `offset` inside the file `path`;
+    `offset == STREAMED`: inside a compressed stream, readable only once spooled."""
     synset: str
     key: str  # unique sample key (file stem, no dots)
     filename: str  # path relative to the source, for the json record and the report
@@ -36,6 +40,8 @@ class Item:
     offset: int = -1
 
     def read(self) -> bytes:
+        if self.offset == STREAMED:
+            raise RuntimeError(f"{self.filename}: a streamed item must be spooled before reading")
         with open(self.path, "rb") as f:
             if self.offset >= 0:
                 f.seek(self.offset)
@@ -77,6 +83,50 @@ def _unsafe_member(name: str) -> str | None:
     if ".." in p.parts:
         return "'..' in tar member path"
     return None
+
+
+def iter_stream_tar_of_tars(path: Path):
+    """Stream a compressed tar of per-synset tars, once, in order.
+
+    Yields `(outer_member, inner_member, data)` for every image, or `(name, reason, None)` for a
+    member refused for safety. One inner tar is held in memory at a time."""
+    import io
+
+    with tarfile.open(path, "r|*") as outer:
+        for member in outer:
+            if not member.isfile():
+                continue
+            reason = _unsafe_member(member.name)
+            name = PurePosixPath(member.name)
+            if not reason and (name.suffix != ".tar" or not SYNSET.match(name.stem)):
+                reason = "not a per-synset tar (nXXXXXXXX.tar)"
+            if reason:
+                yield member.name, reason, None
+                continue
+            data = outer.extractfile(member).read()
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as inner:
+                for m in inner:
+                    if not m.isfile():
+                        continue
+                    reason = _unsafe_member(m.name)
+                    if reason:
+                        yield f"{member.name}:{m.name}", reason, None
+                    else:
+                        yield member.name, m.name, inner.extractfile(m).read()
+
+
+def _scan_stream(path: Path) -> tuple[list[Item], list[tuple[str, str]]]:
+    """List a compressed tar of tars. The items cannot be read in place (`offset = -2`): the
+    preparation spools them by shard in a second streaming pass."""
+    items, rejected = [], []
+    for outer_name, inner_name, data in iter_stream_tar_of_tars(path):
+        if data is None:
+            rejected.append((outer_name, inner_name))
+            continue
+        synset = PurePosixPath(outer_name).stem
+        items.append(Item(synset, sample_key(PurePosixPath(inner_name).stem), f"{outer_name}:{inner_name}",
+                          str(path), len(data), offset=STREAMED))
+    return items, rejected
 
 
 def _scan_tar_of_tars(path: Path) -> tuple[list[Item], list[tuple[str, str]]]:
@@ -171,11 +221,15 @@ def detect_layout(root: Path) -> str:
     if not root.exists():
         raise SourceError(f"{root}: source not found")
     if root.is_file():
-        if root.name.endswith((".tar.gz", ".tgz")):
-            raise SourceError(f"{root}: compressed tar sources are not supported yet; "
-                              f"decompress it once (gzip -d) and pass the .tar")
-        if tarfile.is_tarfile(root):
-            return "tar22k"
+        try:
+            is_tar = tarfile.is_tarfile(root)
+        except (EOFError, OSError, tarfile.TarError, zlib.error):
+            is_tar = False  # a damaged compressed file
+        if is_tar:
+            with open(root, "rb") as f:
+                magic = f.read(6)
+            compressed = magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00"
+            return "targz22k" if compressed else "tar22k"
         raise SourceError(f"{root}: not a tar file nor a folder")
     if (root / "train").is_dir() and _synset_dirs(root / "train"):
         return "imagenet1k"
@@ -191,8 +245,11 @@ def scan(root: str | Path, val_labels: str | Path | None = None) -> Source:
     layout = detect_layout(root)
     rejected: list[tuple[str, str]] = []
     splits: dict[str, list[Item]] = {}
-    if layout == "tar22k":
-        splits["train"], rejected = _scan_tar_of_tars(root)
+    if layout in ("tar22k", "targz22k"):
+        try:
+            splits["train"], rejected = (_scan_tar_of_tars if layout == "tar22k" else _scan_stream)(root)
+        except (EOFError, OSError, tarfile.TarError, zlib.error) as e:
+            raise SourceError(f"{root}: damaged tar ({type(e).__name__}: {e})") from None
     elif layout == "folder22k":
         splits["train"] = [i for d in _synset_dirs(root) for i in _scan_synset_dir(root, d, d.name)]
     else:
