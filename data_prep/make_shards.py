@@ -6,6 +6,7 @@
 
 Run the same command again after a crash or a kill: finished shards are kept, the rest is written,
 and the result is byte-identical to an uninterrupted run. `_info.json` appears last.
+Under a Slurm array (slurm/make_shards.sh) each task writes a disjoint slice of the shards.
 """
 import argparse
 import os
@@ -30,6 +31,10 @@ def main(argv=None) -> int:
     p.add_argument("--holdout", type=int, default=50, help="validation images per class (22k)")
     p.add_argument("--classes", default="", help="comma-separated synsets or a file of synsets")
     p.add_argument("--val-labels", default=None, help="labels for a flat 1k val/ folder")
+    p.add_argument("--task-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
+                   help="this task's slice of the shards (default: $SLURM_ARRAY_TASK_ID or 0)")
+    p.add_argument("--num-tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
+                   help="number of slices (default: $SLURM_ARRAY_TASK_COUNT or 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     classes = args.classes
@@ -42,7 +47,7 @@ def main(argv=None) -> int:
                            workers=args.workers, resize=args.resize, quality=args.quality,
                            seed=args.seed, holdout=args.holdout,
                            classes=tuple(c for c in classes.split(",") if c), val_labels=args.val_labels)
-        run(opts, progress=not args.quiet)
+        run(opts, progress=not args.quiet, task_index=args.task_index, num_tasks=args.num_tasks)
     except (SourceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -275,3 +275,31 @@ def test_truncated_compressed_tar_is_a_clear_error(tmp_path):
     (tmp_path / "w.tar.gz").write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(SourceError, match="w.tar.gz: damaged tar"):
         scan(tmp_path / "w.tar.gz")
+
+
+def test_slurm_array_slices_write_disjoint_shards(tmp_path):
+    """slurm/make_shards.sh run as the tasks of a 3-task array (1-based, as `--array=1-3` gives).
+
+    The array's environment is set by hand here: the real-Slurm run of these scripts belongs
+    to the local cluster tests."""
+    src = fake.make_folder22k(tmp_path / "src", per_class=8)
+    common = ["--source", str(src), "--shard-samples", "3", "--holdout", "2"]
+    subprocess.run(MAKE_SHARDS + common + ["--out", str(tmp_path / "whole"), "--quiet", "--workers", "1"],
+                   check=True)
+    out = tmp_path / "array"
+    env = dict(os.environ, PYTHON=sys.executable, CVTKIT_REPO=str(REPO), SLURM_ARRAY_TASK_MIN="1",
+               SLURM_ARRAY_TASK_COUNT="3", SLURM_CPUS_PER_TASK="1")
+    written = []
+    for task in (3, 1, 2):
+        before = set(shard_bytes(out)) if out.exists() else set()
+        subprocess.run(["bash", str(REPO / "slurm" / "make_shards.sh"), *common, "--out", str(out)],
+                       env={**env, "SLURM_ARRAY_TASK_ID": str(task)}, check=True)
+        written.append(set(shard_bytes(out)) - before)
+        assert (out / INFO_FILE).exists() == (task == 2)  # the last task writes it
+    assert all(written) and not (written[0] & written[1]) and not (written[1] & written[2])
+    assert shard_bytes(out) == shard_bytes(tmp_path / "whole")
+    assert json.loads((out / INFO_FILE).read_text()) == json.loads((tmp_path / "whole" / INFO_FILE).read_text())
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "make_shards.sh"), *common, "--out", str(out)],
+                          env={k: v for k, v in env.items() if k != "SLURM_ARRAY_TASK_ID"},
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "run this through sbatch" in proc.stderr

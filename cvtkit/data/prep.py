@@ -12,8 +12,8 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -201,44 +201,52 @@ def _check_options(out: Path, opts: PrepOptions) -> None:
         write_json_atomic(path, opts.fingerprint())
 
 
-def run(opts: PrepOptions, progress: bool = True) -> dict:
-    """Do the whole job (or what is left of it); returns the `_info.json` content."""
+def run(opts: PrepOptions, progress: bool = True, task_index: int = 0, num_tasks: int = 1) -> dict | None:
+    """Do the whole job (or what is left of it); returns the `_info.json` content.
+
+    With `num_tasks > 1` (a Slurm array), this task writes only every `num_tasks`-th shard from
+    `task_index` on; `_info.json` is written by whichever task finds every shard finished (the
+    last one), and None is returned by the others."""
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"task index: expected 0..{num_tasks - 1}, got {task_index}")
     source = scan(opts.source, opts.val_labels)
     classes, splits = plan_splits(source, opts)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_options(out, opts)
     (out / MANIFEST_DIR).mkdir(exist_ok=True)
-    for leftover in [*out.glob(".*.tmp*"), *(out / MANIFEST_DIR).glob(".*.tmp*")]:
-        leftover.unlink()  # a write cut short by a kill; its shard is redone below
     label_of = {s: i for i, s in enumerate(classes)}
     resize = Resize.parse(opts.resize) if opts.resize else None
 
-    tasks, done = [], []
-    for split, items in splits.items():
-        for index, shard in enumerate(cut_shards(items, opts)):
-            path = out / shard_name(opts.prefix, split, index)
-            entry = out / MANIFEST_DIR / (path.name + ".json")
-            if entry.is_file() and path.is_file():
-                done.append(ShardResult(**json.loads(entry.read_text())))
-                continue
-            tasks.append(ShardTask(split, index, path, shard, [label_of[i.synset] for i in shard],
-                                   resize, opts.quality))
+    planned = [(split, index, shard) for split, items in splits.items()
+               for index, shard in enumerate(cut_shards(items, opts))]
+    names = [shard_name(opts.prefix, split, index) for split, index, _ in planned]
+    tasks, skipped_done = [], 0
+    for k, (split, index, shard) in enumerate(planned):
+        if k % num_tasks != task_index:
+            continue
+        path = out / names[k]
+        for leftover in [*out.glob(f".{path.name}.tmp*"), *(out / MANIFEST_DIR).glob(f".{path.name}.json.tmp*")]:
+            leftover.unlink()  # a write cut short by a kill; the shard is redone below
+        if (out / MANIFEST_DIR / (path.name + ".json")).is_file() and path.is_file():
+            skipped_done += 1
+            continue
+        tasks.append(ShardTask(split, index, path, shard, [label_of[i.synset] for i in shard],
+                               resize, opts.quality))
     if tasks and source.layout == "targz22k":
         tasks = spool(source, tasks, out / SPOOL_DIR, progress)
-    total = sum(len(t.items) for t in tasks)
     start = time.time()
-    bar = tqdm(total=total, unit="img", desc=f"shards -> {out}", disable=not progress,
-               smoothing=0.1, dynamic_ncols=True)
+    bar = tqdm(total=sum(len(t.items) for t in tasks), unit="img", desc=f"shards -> {out}",
+               disable=not progress, smoothing=0.1, dynamic_ncols=True)
     if progress:
+        part = f" (task {task_index} of {num_tasks})" if num_tasks > 1 else ""
         bar.write(f"{source.layout} source {source.root}: {len(classes)} classes, "
                   + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
-                  + f"; {len(done)} shards already done, {len(tasks)} to write")
+                  + f"; {skipped_done} shards already done, {len(tasks)} to write{part}")
 
     def finished(result: ShardResult):
         # The manifest entry is the commit record: written only after the shard's rename.
         write_json_atomic(out / MANIFEST_DIR / (result.name + ".json"), asdict(result))
-        done.append(result)
         bar.update(result.num_samples + len(result.skipped))
 
     if opts.workers > 1 and len(tasks) > 1:
@@ -249,9 +257,20 @@ def run(opts: PrepOptions, progress: bool = True) -> dict:
         for task in tasks:
             finished(process_shard(task))
     bar.close()
+    for task in tasks:
+        for item_file in {i.path for i in task.items if Path(i.path).parent == out / SPOOL_DIR}:
+            os.remove(item_file)
 
-    if (out / SPOOL_DIR).is_dir():
-        shutil.rmtree(out / SPOOL_DIR)
+    entries = [out / MANIFEST_DIR / (n + ".json") for n in names]
+    remaining = sum(not e.is_file() or not (out / n).is_file() for e, n in zip(entries, names))
+    if remaining:
+        if progress:
+            print(f"task {task_index} of {num_tasks} done in {time.time() - start:.1f}s; "
+                  f"{remaining} shards of other tasks remain, _info.json comes with the last")
+        return None
+    if (out / SPOOL_DIR).is_dir() and not any((out / SPOOL_DIR).iterdir()):
+        (out / SPOOL_DIR).rmdir()
+    done = [ShardResult(**json.loads(e.read_text())) for e in entries]
     info = build_info(opts, source, classes, splits.keys(), done)
     write_json_atomic(out / INFO_FILE, info)
     if progress:
