@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--resize", default=None, metavar="shorter:N|longer:N",
                    help="shrink large images (default: copy JPEGs untouched)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    p.add_argument("--decode-check", action="store_true",
+                   help="also decode copied JPEGs to catch corrupt data (slower)")
     p.add_argument("--seed", type=int, default=0, help="shuffle and held-out selection seed")
     p.add_argument("--holdout", type=int, default=50, help="validation images per class (22k)")
     p.add_argument("--classes", default="", help="comma-separated synsets or a file of synsets")
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
         opts = PrepOptions(source=args.source, out=args.out, prefix=args.prefix,
                            shard_samples=args.shard_samples, shard_bytes=args.shard_bytes,
                            workers=args.workers, resize=args.resize, quality=args.quality,
+                           decode_check=args.decode_check,
                            seed=args.seed, holdout=args.holdout,
                            classes=tuple(c for c in classes.split(",") if c), val_labels=args.val_labels)
         run(opts, progress=not args.quiet, task_index=args.task_index, num_tasks=args.num_tasks)

@@ -37,16 +37,17 @@ def read_samples(out: Path, split="train"):
     return [(img, target) for img, target in ds]
 
 
+@pytest.mark.parametrize("decode_check", [False, True])
 @pytest.mark.parametrize("kind", list(fake.BAD_FILES))
-def test_bad_images_are_skipped_or_converted(kind):
+def test_bad_images_are_skipped_or_converted(kind, decode_check):
     import random
     make, outcome = fake.BAD_FILES[kind]
     raw = make(random.Random(0))
     if outcome == "skip":
         with pytest.raises(BadImage):
-            prepare_image(raw)
+            prepare_image(raw, decode_check=decode_check)
     else:
-        img = prepare_image(raw)
+        img = prepare_image(raw, decode_check=decode_check)
         assert img.note and Image.open(__import__("io").BytesIO(img.jpeg)).mode == "RGB"
         assert Image.open(__import__("io").BytesIO(img.jpeg)).format == "JPEG"
 
@@ -303,3 +304,11 @@ def test_slurm_array_slices_write_disjoint_shards(tmp_path):
                           env={k: v for k, v in env.items() if k != "SLURM_ARRAY_TASK_ID"},
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "run this through sbatch" in proc.stderr
+
+
+def test_shard_benchmark_prints_its_table(capsys):
+    from cvtkit.bench.shards import main as bench_main
+    bench_main(["--images", "24", "--repeats", "1", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert "tar | cat" in out and "make_shards copy" in out and "make_shards resize shorter:256" in out
+    assert "24 images" in out

@@ -40,6 +40,7 @@ class PrepOptions:
     workers: int = 4
     resize: str | None = None  # "shorter:256" / "longer:512"; None copies JPEGs untouched
     quality: int = 90
+    decode_check: bool = False  # also decode copied JPEGs (at 1/8 scale) to find corrupt data
     seed: int = 0
     holdout: int = 50  # per class (at most half of it), for sources without a validation split (22k)
     classes: tuple[str, ...] = ()  # a subset of synsets; empty: all
@@ -73,6 +74,7 @@ class ShardTask:
     labels: list[int]
     resize: Resize | None
     quality: int
+    decode_check: bool
 
 
 @dataclass
@@ -148,7 +150,7 @@ def process_shard(task: ShardTask) -> ShardResult:
     samples, skipped, converted = [], [], []
     for item, label in zip(task.items, task.labels):
         try:
-            img = prepare_image(item.read(), task.resize, task.quality)
+            img = prepare_image(item.read(), task.resize, task.quality, task.decode_check)
         except BadImage as e:
             skipped.append((item.filename, str(e)))
             continue
@@ -232,7 +234,7 @@ def run(opts: PrepOptions, progress: bool = True, task_index: int = 0, num_tasks
             skipped_done += 1
             continue
         tasks.append(ShardTask(split, index, path, shard, [label_of[i.synset] for i in shard],
-                               resize, opts.quality))
+                               resize, opts.quality, opts.decode_check))
     if tasks and source.layout == "targz22k":
         tasks = spool(source, tasks, out / SPOOL_DIR, progress)
     start = time.time()
