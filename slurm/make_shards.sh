@@ -21,6 +21,10 @@
 set -euo pipefail
 # sbatch runs a copy of this script: find the checkout from the submit directory.
 REPO=${CVTKIT_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}}
+[ -f "$REPO/data_prep/make_shards.py" ] || {
+    echo "make_shards.sh: $REPO is not a cvtkit checkout: submit from the checkout or set CVTKIT_REPO" >&2
+    exit 2
+}
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 : "${SLURM_ARRAY_TASK_ID:?run this through sbatch (it needs a Slurm array)}"
 exec "$PYTHON" "$REPO/data_prep/make_shards.py" \

@@ -312,3 +312,22 @@ def test_shard_benchmark_prints_its_table(capsys):
     out = capsys.readouterr().out
     assert "tar | cat" in out and "make_shards copy" in out and "make_shards resize shorter:256" in out
     assert "24 images" in out
+
+
+@pytest.mark.slow
+def test_make_shards_as_a_real_slurm_array(tmp_path, slurm_cluster):
+    src = fake.make_folder22k(tmp_path / "src", per_class=8)
+    common = ["--source", str(src), "--shard-samples", "3", "--holdout", "2"]
+    subprocess.run(MAKE_SHARDS + common + ["--out", str(tmp_path / "whole"), "--quiet", "--workers", "1"],
+                   check=True)
+    proc = subprocess.run(["sbatch", "--wait", "--array=0-2", "--cpus-per-task=1", "--mem=1G",
+                           f"--output={tmp_path}/task-%a.log", "slurm/make_shards.sh", *common,
+                           "--out", str(tmp_path / "array")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHON=sys.executable))
+    logs = "".join(p.read_text() for p in tmp_path.glob("task-*.log"))
+    assert proc.returncode == 0, proc.stderr + logs
+    assert len(list(tmp_path.glob("task-*.log"))) == 3
+    assert shard_bytes(tmp_path / "array") == shard_bytes(tmp_path / "whole")
+    assert json.loads((tmp_path / "array" / INFO_FILE).read_text()) == \
+        json.loads((tmp_path / "whole" / INFO_FILE).read_text())
