@@ -331,3 +331,16 @@ def test_make_shards_as_a_real_slurm_array(tmp_path, slurm_cluster):
     assert shard_bytes(tmp_path / "array") == shard_bytes(tmp_path / "whole")
     assert json.loads((tmp_path / "array" / INFO_FILE).read_text()) == \
         json.loads((tmp_path / "whole" / INFO_FILE).read_text())
+
+
+def test_shards_cut_by_bytes(tmp_path):
+    src = fake.make_imagenet1k(tmp_path / "in1k")
+    limit = 3000
+    info = run(opts(source=str(src), out=str(tmp_path / "out"), shard_bytes=limit), progress=False)
+    source_sizes = {i.key: i.size for i in scan(src).splits["train"]}
+    import tarfile
+    for name in info["splits"]["train"]["filenames"]:
+        with tarfile.open(tmp_path / "out" / name) as tar:
+            keys = [m.name[:-4] for m in tar if m.name.endswith(".jpg")]
+        assert sum(source_sizes[k] for k in keys) <= limit or len(keys) == 1
+    assert len(info["splits"]["train"]["filenames"]) > 3
