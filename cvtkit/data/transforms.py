@@ -1,0 +1,109 @@
+"""Image transforms of the recipes, built with timm and torchvision.
+
+- `deit`: SPEC A2's DeiT recipe: bicubic RandomResizedCrop (0.08-1), flip, RandAugment
+  `rand-m9-mstd0.5-inc1`, random erasing 0.25 (pixel mode); Mixup 0.8 / CutMix 1.0 with label
+  smoothing 0.1 as soft targets (`build_mixup`).
+- `finetune`: CvT's fine-tuning transform: resize to (s + 32)^2 then random crop s, flip (416 -> 384).
+- evaluation from a model's `EvalConfig` (SPEC B5): resize 256 + centre crop 224 at crop ratio
+  0.875, or a square warp with no crop (CvT at 384).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torchvision import transforms as T
+
+from cvtkit.config import require
+from cvtkit.models.factory import IMAGENET_MEAN, IMAGENET_STD, EvalConfig
+
+_INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+
+
+@dataclass
+class AugmentConfig:
+    """The `data.augment:` section. Defaults are the DeiT recipe of SPEC A2."""
+    kind: Literal["deit", "finetune", "none"] = "deit"
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 4 / 3)
+    hflip: float = 0.5
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4  # ignored by timm when auto_augment is set
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    re_prob: float = 0.25
+    re_mode: Literal["pixel", "rand", "const"] = "pixel"
+    re_count: int = 1
+    finetune_margin: int = 32  # finetune: resize to size + margin, then random crop
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    label_smoothing: float = 0.1
+
+    def __post_init__(self):
+        require(0 < self.scale[0] <= self.scale[1] <= 1, "scale", "0 < min <= max <= 1", self.scale)
+        require(0 < self.ratio[0] <= self.ratio[1], "ratio", "0 < min <= max", self.ratio)
+        for key in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
+            require(0 <= getattr(self, key) <= 1, key, "a probability in [0, 1]", getattr(self, key))
+        require(0 <= self.label_smoothing < 1, "label_smoothing", "a value in [0, 1)", self.label_smoothing)
+        require(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha",
+                "non-negative mixup and cutmix alphas", (self.mixup_alpha, self.cutmix_alpha))
+
+
+def train_transform(cfg: AugmentConfig, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    normalize: bool = True):
+    """PIL image -> `[3, size, size]` float tensor (normalised), or uint8 when `normalize=False`
+    (the GPU then normalises, and random erasing is left to the caller)."""
+    if cfg.kind == "deit":
+        from timm.data import create_transform
+        return create_transform(
+            input_size=size, is_training=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment,
+            interpolation=cfg.interpolation, mean=mean, std=std, re_prob=cfg.re_prob,
+            re_mode=cfg.re_mode, re_count=cfg.re_count, use_prefetcher=not normalize)
+    if cfg.kind == "finetune":
+        steps = [T.Resize((size + cfg.finetune_margin,) * 2, interpolation=_INTERP["bilinear"]),
+                 T.RandomCrop(size), T.RandomHorizontalFlip(cfg.hflip)]
+    else:
+        steps = [T.Resize((size, size), interpolation=_INTERP[cfg.interpolation])]
+    return T.Compose(steps + _to_tensor(mean, std, normalize))
+
+
+def eval_transform(cfg: EvalConfig, normalize: bool = True):
+    """The official evaluation transform for `cfg`: PIL -> `[3, S, S]` with S = cfg.input_size."""
+    interp = _INTERP[cfg.interpolation]
+    if cfg.crop_mode == "center":
+        steps = [T.Resize(cfg.resize_size, interpolation=interp), T.CenterCrop(cfg.input_size)]
+    elif cfg.crop_mode == "squash":
+        steps = [T.Resize((cfg.input_size, cfg.input_size), interpolation=interp)]
+    else:
+        raise ValueError(f"crop_mode: expected 'center' or 'squash', got {cfg.crop_mode!r}")
+    return T.Compose(steps + _to_tensor(cfg.mean, cfg.std, normalize))
+
+
+def _to_tensor(mean, std, normalize: bool) -> list:
+    if normalize:
+        return [T.ToTensor(), T.Normalize(mean, std)]
+    return [T.PILToTensor()]
+
+
+def build_mixup(cfg: AugmentConfig, num_classes: int):
+    """timm's Mixup/CutMix producing soft targets `[B, num_classes]` (label smoothing inside),
+    or None when both alphas are 0 (then use cross entropy with `cfg.label_smoothing`)."""
+    if cfg.mixup_alpha == 0 and cfg.cutmix_alpha == 0:
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
+                 switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                 label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+
+def normalize_on_device(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 `[B, 3, H, W]` (already on the GPU) -> normalised `dtype`, so that only bytes cross
+    the PCIe bus."""
+    m = torch.tensor(mean, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    return (images.to(dtype) - m) / s
