@@ -1,0 +1,187 @@
+"""Webdataset loaders: balanced across ranks and workers, deterministic, resumable mid-epoch.
+
+Every (rank, worker) pair is a *slot*; `slots = world_size * num_workers`. For each epoch the shard
+list is shuffled with (seed, epoch), the same on every rank, and dealt to the slots:
+- with at least as many shards as slots, slot s reads shards s, s + slots, ...;
+- with fewer, the slots sharing a shard take every k-th sample of it, so no slot is empty.
+Training: every rank delivers exactly `num_samples // (world_size * batch_size)` batches, split
+over its workers so that batch b comes from worker b % num_workers (DataLoader's round robin);
+a slot whose data runs short cycles over it again (as timm does), so no rank ever waits on
+another. Each slot shuffles raw samples in a buffer seeded by (seed, epoch, slot), before decoding.
+Resume: the position is the number of batches delivered in the epoch; a restarted worker skips its
+share of raw samples without decoding them, so the continued epoch equals an uninterrupted one.
+Evaluation: no shuffle, no cycling: every sample exactly once across all ranks.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards of one split as `_info.json` lists them (local folder or URL prefix)."""
+    urls: list[str]
+    lengths: list[int]
+    num_classes: int
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.lengths)
+
+    @classmethod
+    def from_info(cls, root: str, split: str) -> "ShardSet":
+        info_path = Path(root) / "_info.json"
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{info_path}: missing; make shards with data_prep/make_shards.py")
+        info = json.loads(info_path.read_text())
+        if split not in info.get("splits", {}):
+            raise KeyError(f"{info_path}: no split {split!r} (have: {', '.join(info.get('splits', {}))})")
+        s = info["splits"][split]
+        if not s["filenames"]:
+            raise ValueError(f"{info_path}: split {split!r} lists no shards")
+        urls = [str(Path(root) / f) for f in s["filenames"]]
+        missing = [u for u in urls if not Path(u).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]}: listed in {info_path} but absent"
+                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return cls(urls, list(s["shard_lengths"]), info["num_classes"])
+
+
+def slot_plan(num_shards: int, slots: int, slot: int) -> tuple[list[int], int, int]:
+    """Which shards slot `slot` reads, and the sample stride and phase within them."""
+    if num_shards >= slots:
+        return list(range(slot, num_shards, slots)), 1, 0
+    shard = slot % num_shards
+    sharing = len(range(shard, slots, num_shards))  # slots that read this shard
+    return [shard], sharing, slot // num_shards
+
+
+def _decode(sample: dict) -> tuple[Image.Image, int, str]:
+    img = Image.open(io.BytesIO(sample["jpg"]))
+    return img.convert("RGB"), int(sample["cls"]), sample["__key__"]
+
+
+class _SlotStream(IterableDataset):
+    def __init__(self, shards: ShardSet, rank: int, world_size: int, batch_size: int, seed: int,
+                 epoch: int, transform: Callable | None, train: bool, shuffle_buffer: int,
+                 skip_batches: int, with_keys: bool):
+        self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
+        self.transform, self.train, self.shuffle_buffer = transform, train, shuffle_buffer
+        self.skip_batches, self.with_keys = skip_batches, with_keys
+
+    def _raw(self, shard_ids: list[int], stride: int, phase: int) -> Iterator[dict]:
+        urls = [{"url": self.shards.urls[i]} for i in shard_ids]
+        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(urls)
+        return (s for i, s in enumerate(samples) if i % stride == phase)
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, physical = (info.num_workers, info.id) if info else (1, 0)
+        # DataLoader takes batches round robin from workers 0, 1, ...; after `skip_batches` the
+        # next batch belongs to worker skip_batches % workers, so a resumed loader's worker 0 plays
+        # that role and the order carries on unchanged.
+        worker = (physical + self.skip_batches) % workers
+        slots, slot = self.world_size * workers, self.rank * workers + worker
+        order = list(range(len(self.shards.urls)))
+        if self.train:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        ids, stride, phase = slot_plan(len(order), slots, slot)
+        ids = [order[i] for i in ids]
+        if not self.train:
+            stream: Iterator[dict] = self._raw(ids, stride, phase)
+        else:
+            per_rank = self.shards.num_samples // (self.world_size * self.batch_size)
+            my_batches = per_rank // workers + (worker < per_rank % workers)
+            # Shuffle raw bytes within each pass over the slot's data (a pass never borrows from
+            # the next, so nothing repeats before all was seen), cycling so that a short slot
+            # still fills its quota.
+            rng = random.Random(f"{self.seed}:{self.epoch}:{slot}")
+            shuffle = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
+            shuffled = itertools.chain.from_iterable(
+                shuffle(self._raw(ids, stride, phase)) for _ in itertools.count())
+            done = self.skip_batches // workers + (worker < self.skip_batches % workers)
+            stream = itertools.islice(shuffled, done * self.batch_size, my_batches * self.batch_size)
+        for sample in stream:
+            img, label, key = _decode(sample)
+            if self.transform is not None:
+                img = self.transform(img)
+            yield (img, label, key) if self.with_keys else (img, label)
+
+
+def _collate(batch):
+    images = torch.stack([b[0] for b in batch]) if isinstance(batch[0][0], torch.Tensor) else [b[0] for b in batch]
+    labels = torch.tensor([b[1] for b in batch])
+    return (images, labels, [b[2] for b in batch]) if len(batch[0]) == 3 else (images, labels)
+
+
+class WdsLoader:
+    """Batches of one rank. Training: `len(loader)` batches per epoch on every rank, resumable
+    through `state_dict()`; evaluation (`train=False`): each sample once across ranks."""
+
+    def __init__(self, shards: ShardSet, batch_size: int, rank: int = 0, world_size: int = 1,
+                 workers: int = 2, seed: int = 0, transform: Callable | None = None,
+                 train: bool = True, shuffle_buffer: int = 2000, with_keys: bool = False):
+        if train and shards.num_samples < world_size * batch_size:
+            raise ValueError(f"{shards.num_samples} samples cannot give one batch of {batch_size} "
+                             f"to each of {world_size} ranks")
+        self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
+        self.workers, self.seed, self.transform, self.train = workers, seed, transform, train
+        self.shuffle_buffer, self.with_keys = shuffle_buffer, with_keys
+        self.epoch, self.batches_done = 0, 0
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.shards.num_samples // (self.world_size * self.batch_size)
+        raise TypeError("an evaluation loader's length differs between ranks")
+
+    @property
+    def samples_delivered(self) -> int:
+        """Samples this rank has delivered in the current epoch."""
+        return self.batches_done * self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "world_size": self.world_size,
+                "batch_size": self.batch_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        if state["world_size"] == self.world_size and state["batch_size"] == self.batch_size:
+            self.batches_done = state["batches_done"]
+            return
+        global_done = state["batches_done"] * state["batch_size"] * state["world_size"]
+        self.batches_done = global_done // (self.world_size * self.batch_size)
+        log.warning("resuming epoch %d on %d ranks x batch %d (was %d x %d): continuing from global "
+                    "sample %d; the sample order is approximate", self.epoch, self.world_size,
+                    self.batch_size, state["world_size"], state["batch_size"], global_done)
+
+    def __iter__(self):
+        dataset = _SlotStream(self.shards, self.rank, self.world_size, self.batch_size, self.seed,
+                              self.epoch, self.transform, self.train, self.shuffle_buffer,
+                              self.batches_done if self.train else 0, self.with_keys)
+        loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
+                            collate_fn=_collate)
+        for batch in loader:
+            if self.train:
+                self.batches_done += 1
+            yield batch
+        if self.train:
+            self.epoch, self.batches_done = self.epoch + 1, 0

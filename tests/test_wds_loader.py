@@ -1,0 +1,133 @@
+"""The webdataset loader with simulated ranks: balance, coverage, determinism, resume."""
+import itertools
+import logging
+
+import pytest
+import torch
+
+from cvtkit.data.prep import PrepOptions, run
+from cvtkit.data.transforms import eval_transform
+from cvtkit.data.wds_loader import ShardSet, WdsLoader, slot_plan
+from cvtkit.models.factory import EvalConfig
+
+import fake_imagenet as fake
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """40 train samples in uneven shards of 7 (7,7,7,7,7,5); 12 validation samples in shards of 5."""
+    root = tmp_path_factory.mktemp("wds")
+    src = fake.make_imagenet1k(root / "in1k")
+    run(PrepOptions(source=str(src), out=str(root / "out"), shard_samples=7, workers=1), progress=False)
+    return str(root / "out")
+
+
+@pytest.fixture(scope="module")
+def even_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("even")
+    src = fake.make_imagenet1k(root / "in1k")
+    run(PrepOptions(source=str(src), out=str(root / "out"), shard_samples=5, workers=1), progress=False)
+    return str(root / "out")
+
+
+def keys_of(loader, limit=None):
+    """Keys of each batch; with `limit`, exactly that many batches are taken."""
+    return [list(keys) for _, _, keys in itertools.islice(loader, limit)]
+
+
+def all_keys(folder, split):
+    return {k for b in keys_of(WdsLoader(ShardSet.from_info(folder, split), 4, train=False, workers=0,
+                                         with_keys=True)) for k in b}
+
+
+def test_slot_plan_covers_every_sample_once():
+    for shards, slots in [(6, 4), (2, 6), (3, 4), (5, 5), (1, 3)]:
+        seen = {}
+        for slot in range(slots):
+            ids, stride, phase = slot_plan(shards, slots, slot)
+            assert ids, "no slot is ever empty"
+            for shard in ids:
+                for sample in range(stride * 3):
+                    if sample % stride == phase:
+                        seen[(shard, sample)] = seen.get((shard, sample), 0) + 1
+        assert all(v == 1 for v in seen.values()) and {s for s, _ in seen} == set(range(shards))
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 3), (4, 0)])
+def test_eval_loader_sees_every_sample_exactly_once(shards, world, workers):
+    keys = []
+    for rank in range(world):
+        loader = WdsLoader(ShardSet.from_info(shards, "validation"), 4, rank, world, workers,
+                           train=False, with_keys=True)
+        keys += [k for b in keys_of(loader) for k in b]
+    assert len(keys) == 12 and set(keys) == all_keys(shards, "validation")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_train_batches_are_equal_across_ranks_and_workers(shards, world):
+    counts = set()
+    for workers in (0, 2, 3):
+        for rank in range(world):
+            loader = WdsLoader(ShardSet.from_info(shards, "train"), 4, rank, world, workers, with_keys=True)
+            batches = keys_of(loader)
+            assert all(len(b) == 4 for b in batches)
+            counts.add((len(batches), len(loader)))
+    assert counts == {(40 // (world * 4),) * 2}
+
+
+def test_train_epoch_is_disjoint_and_complete_when_shards_balance(even_shards):
+    keys = []
+    for rank in range(2):
+        loader = WdsLoader(ShardSet.from_info(even_shards, "train"), 5, rank, 2, workers=2, with_keys=True)
+        keys += [k for b in keys_of(loader) for k in b]
+    assert len(keys) == 40 and set(keys) == all_keys(even_shards, "train")
+
+
+def test_order_is_seeded_and_changes_by_epoch(shards):
+    def epoch_keys(seed, epoch):
+        loader = WdsLoader(ShardSet.from_info(shards, "train"), 4, 0, 2, workers=2, seed=seed, with_keys=True)
+        loader.set_epoch(epoch)
+        return keys_of(loader)
+    assert epoch_keys(0, 0) == epoch_keys(0, 0)
+    assert epoch_keys(0, 0) != epoch_keys(0, 1) and epoch_keys(0, 0) != epoch_keys(1, 0)
+
+
+@pytest.mark.parametrize("workers,stop", [(0, 2), (2, 3), (3, 4)])
+def test_resume_mid_epoch_continues_without_repeats_or_gaps(shards, workers, stop):
+    def make():
+        return WdsLoader(ShardSet.from_info(shards, "train"), 4, 0, 1, workers, seed=3, with_keys=True)
+    reference = keys_of(make())
+    first = make()
+    head = keys_of(first, limit=stop)
+    state = first.state_dict()
+    assert state["batches_done"] == stop and first.samples_delivered == stop * 4
+    second = make()
+    second.load_state_dict(state)
+    tail = keys_of(second)
+    assert head + tail == reference
+    assert second.epoch == 1 and second.batches_done == 0  # the epoch ended normally
+
+
+def test_resume_on_another_world_size_is_logged(shards, caplog):
+    loader = WdsLoader(ShardSet.from_info(shards, "train"), 4, 0, 1, workers=0)
+    with caplog.at_level(logging.WARNING):
+        loader.load_state_dict({"epoch": 2, "batches_done": 6, "world_size": 2, "batch_size": 2, "seed": 0})
+    assert loader.batches_done == 6 and loader.epoch == 2
+    assert "order is approximate" in caplog.text
+
+
+def test_batches_carry_transformed_images(shards):
+    loader = WdsLoader(ShardSet.from_info(shards, "validation"), 4, train=False, workers=0,
+                       transform=eval_transform(EvalConfig(32, 0.875, "center")))
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 4
+
+
+def test_bad_shard_sets_fail_clearly(shards, tmp_path):
+    with pytest.raises(FileNotFoundError, match="_info.json: missing"):
+        ShardSet.from_info(str(tmp_path), "train")
+    with pytest.raises(KeyError, match="no split 'test'"):
+        ShardSet.from_info(shards, "test")
+    with pytest.raises(ValueError, match="cannot give one batch of 64 to each of 2 ranks"):
+        WdsLoader(ShardSet.from_info(shards, "train"), 64, 0, 2)
