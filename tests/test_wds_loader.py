@@ -13,21 +13,22 @@ from cvtkit.models.factory import EvalConfig
 import fake_imagenet as fake
 
 
+def make_shards(root, shard_samples):
+    src = fake.make_imagenet1k(root / "in1k")
+    run(PrepOptions(source=str(src), out=str(root / "out"), shard_samples=shard_samples, workers=1),
+        progress=False)
+    return str(root / "out")
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """40 train samples in uneven shards of 7 (7,7,7,7,7,5); 12 validation samples in shards of 5."""
-    root = tmp_path_factory.mktemp("wds")
-    src = fake.make_imagenet1k(root / "in1k")
-    run(PrepOptions(source=str(src), out=str(root / "out"), shard_samples=7, workers=1), progress=False)
-    return str(root / "out")
+    """40 train samples in uneven shards of 7 (7,7,7,7,7,5); 12 validation samples."""
+    return make_shards(tmp_path_factory.mktemp("wds"), 7)
 
 
 @pytest.fixture(scope="module")
 def even_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("even")
-    src = fake.make_imagenet1k(root / "in1k")
-    run(PrepOptions(source=str(src), out=str(root / "out"), shard_samples=5, workers=1), progress=False)
-    return str(root / "out")
+    return make_shards(tmp_path_factory.mktemp("even"), 5)
 
 
 def keys_of(loader, limit=None):
