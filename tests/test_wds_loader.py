@@ -132,3 +132,26 @@ def test_bad_shard_sets_fail_clearly(shards, tmp_path):
         ShardSet.from_info(shards, "test")
     with pytest.raises(ValueError, match="cannot give one batch of 64 to each of 2 ranks"):
         WdsLoader(ShardSet.from_info(shards, "train"), 64, 0, 2)
+
+
+def test_reduced_size_decoding_keeps_what_the_transform_needs():
+    import io
+    import random
+
+    from cvtkit.data.transforms import AugmentConfig, min_decode_side
+    from cvtkit.data.wds_loader import _decode
+    from cvtkit.models.factory import CENTER_224, SQUASH_384
+
+    raw = fake.jpeg(random.Random(0), size=(1200, 900))
+    sample = {"jpg": raw, "cls": b"3", "__key__": "k"}
+    assert _decode(sample)[0].size == (1200, 900)
+    img, label, key = _decode(sample, min_decode_side(224, eval_cfg=CENTER_224))
+    assert img.size == (600, 450) and label == 3  # 1/2 scale keeps 450 >= 256
+    assert min(_decode(sample, min_decode_side(384, eval_cfg=SQUASH_384))[0].size) >= 384
+    # RandomResizedCrop's smallest crop (8% area, aspect 3:4) must still hold 224 pixels.
+    assert min_decode_side(224, AugmentConfig()) == 915
+    assert _decode(sample, 915)[0].size == (1200, 900)
+    assert min_decode_side(384, AugmentConfig(kind="finetune")) == 416
+    png = io.BytesIO()
+    __import__("PIL.Image").Image.new("RGB", (800, 800)).save(png, "PNG")
+    assert _decode({"jpg": png.getvalue(), "cls": b"0", "__key__": "p"}, 100)[0].size == (800, 800)

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -107,3 +108,20 @@ def normalize_on_device(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_S
     m = torch.tensor(mean, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
     s = torch.tensor(std, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
     return (images.to(dtype) - m) / s
+
+
+def min_decode_side(size: int, cfg: AugmentConfig | None = None, eval_cfg: EvalConfig | None = None) -> int:
+    """The smallest shorter side an image may be decoded at without losing pixels the
+    transform uses (for reduced-size JPEG decoding).
+
+    Random resized crop: its smallest crop (area `scale[0]`, aspect up to `ratio`) must still
+    span `size` pixels, so the shorter side needs `size / sqrt(scale[0] * min(ratio[0], 1/ratio[1]))`.
+    """
+    if eval_cfg is not None:
+        return eval_cfg.resize_size if eval_cfg.crop_mode == "center" else eval_cfg.input_size
+    if cfg is None or cfg.kind == "none":
+        return size
+    if cfg.kind == "finetune":
+        return size + cfg.finetune_margin
+    narrowest = min(cfg.ratio[0], 1 / cfg.ratio[1])
+    return math.ceil(size / math.sqrt(cfg.scale[0] * narrowest))

@@ -70,19 +70,28 @@ def slot_plan(num_shards: int, slots: int, slot: int) -> tuple[list[int], int, i
     return [shard], sharing, slot // num_shards
 
 
-def _decode(sample: dict) -> tuple[Image.Image, int, str]:
+def _decode(sample: dict, min_side: int = 0) -> tuple[Image.Image, int, str]:
+    """JPEG bytes -> RGB image. With `min_side`, large JPEGs are decoded at a reduced DCT scale
+    (1/2, 1/4, 1/8) that keeps the shorter side at least `min_side`: the transform that follows
+    never needs more pixels than that."""
     img = Image.open(io.BytesIO(sample["jpg"]))
+    if min_side and img.format == "JPEG":
+        w, h = img.size
+        short = min(w, h)
+        if short >= 2 * min_side:
+            img.draft("RGB", (w * min_side // short + 1, h * min_side // short + 1))
     return img.convert("RGB"), int(sample["cls"]), sample["__key__"]
 
 
 class _SlotStream(IterableDataset):
     def __init__(self, shards: ShardSet, rank: int, world_size: int, batch_size: int, seed: int,
                  epoch: int, transform: Callable | None, train: bool, shuffle_buffer: int,
-                 skip_batches: int, with_keys: bool):
+                 skip_batches: int, with_keys: bool, decode_min_side: int):
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self.transform, self.train, self.shuffle_buffer = transform, train, shuffle_buffer
         self.skip_batches, self.with_keys = skip_batches, with_keys
+        self.decode_min_side = decode_min_side
 
     def _raw(self, shard_ids: list[int], stride: int, phase: int) -> Iterator[dict]:
         urls = [{"url": self.shards.urls[i]} for i in shard_ids]
@@ -117,7 +126,7 @@ class _SlotStream(IterableDataset):
             done = self.skip_batches // workers + (worker < self.skip_batches % workers)
             stream = itertools.islice(shuffled, done * self.batch_size, my_batches * self.batch_size)
         for sample in stream:
-            img, label, key = _decode(sample)
+            img, label, key = _decode(sample, self.decode_min_side)
             if self.transform is not None:
                 img = self.transform(img)
             yield (img, label, key) if self.with_keys else (img, label)
@@ -135,13 +144,17 @@ class WdsLoader:
 
     def __init__(self, shards: ShardSet, batch_size: int, rank: int = 0, world_size: int = 1,
                  workers: int = 2, seed: int = 0, transform: Callable | None = None,
-                 train: bool = True, shuffle_buffer: int = 2000, with_keys: bool = False):
+                 train: bool = True, shuffle_buffer: int = 2000, with_keys: bool = False,
+                 decode_min_side: int = 0):
+        """`decode_min_side`: the smallest shorter side the transform needs (see
+        `transforms.min_decode_side`); 0 decodes every image at full size."""
         if train and shards.num_samples < world_size * batch_size:
             raise ValueError(f"{shards.num_samples} samples cannot give one batch of {batch_size} "
                              f"to each of {world_size} ranks")
         self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
         self.workers, self.seed, self.transform, self.train = workers, seed, transform, train
         self.shuffle_buffer, self.with_keys = shuffle_buffer, with_keys
+        self.decode_min_side = decode_min_side
         self.epoch, self.batches_done = 0, 0
 
     def __len__(self) -> int:
@@ -176,7 +189,8 @@ class WdsLoader:
     def __iter__(self):
         dataset = _SlotStream(self.shards, self.rank, self.world_size, self.batch_size, self.seed,
                               self.epoch, self.transform, self.train, self.shuffle_buffer,
-                              self.batches_done if self.train else 0, self.with_keys)
+                              self.batches_done if self.train else 0, self.with_keys,
+                              self.decode_min_side)
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
                             collate_fn=_collate)
         for batch in loader:
