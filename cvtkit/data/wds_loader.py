@@ -132,6 +132,20 @@ class _SlotStream(IterableDataset):
             yield (img, label, key) if self.with_keys else (img, label)
 
 
+def resume_position(state: dict, world_size: int, batch_size: int) -> tuple[int, int]:
+    """(epoch, batches already delivered) for a loader state saved by this or another layout.
+
+    Same world size and batch: exact. Otherwise the same global sample count, logged as
+    approximate (which samples each rank saw differs)."""
+    if state["world_size"] == world_size and state["batch_size"] == batch_size:
+        return state["epoch"], state["batches_done"]
+    global_done = state["batches_done"] * state["batch_size"] * state["world_size"]
+    log.warning("resuming epoch %d on %d ranks x batch %d (was %d x %d): continuing from global "
+                "sample %d; the sample order is approximate", state["epoch"], world_size,
+                batch_size, state["world_size"], state["batch_size"], global_done)
+    return state["epoch"], global_done // (world_size * batch_size)
+
+
 def _collate(batch):
     images = torch.stack([b[0] for b in batch]) if isinstance(batch[0][0], torch.Tensor) else [b[0] for b in batch]
     labels = torch.tensor([b[1] for b in batch])
@@ -176,15 +190,7 @@ class WdsLoader:
                 "batch_size": self.batch_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"]
-        if state["world_size"] == self.world_size and state["batch_size"] == self.batch_size:
-            self.batches_done = state["batches_done"]
-            return
-        global_done = state["batches_done"] * state["batch_size"] * state["world_size"]
-        self.batches_done = global_done // (self.world_size * self.batch_size)
-        log.warning("resuming epoch %d on %d ranks x batch %d (was %d x %d): continuing from global "
-                    "sample %d; the sample order is approximate", self.epoch, self.world_size,
-                    self.batch_size, state["world_size"], state["batch_size"], global_done)
+        self.epoch, self.batches_done = resume_position(state, self.world_size, self.batch_size)
 
     def __iter__(self):
         dataset = _SlotStream(self.shards, self.rank, self.world_size, self.batch_size, self.seed,

@@ -1,0 +1,109 @@
+"""ffcv loaders over `.beton` files, with the same rank/epoch/resume contract as `WdsLoader`.
+
+ffcv's own distributed order pads with duplicates (DistributedSampler, drop_last=False) and
+needs a process group; here each rank computes its indices itself and hands them to a
+sequential ffcv Loader:
+- training: a permutation by (seed, epoch), cut to a multiple of world_size x batch_size, rank r
+  taking every world_size-th; a resumed epoch starts after the batches already delivered, which
+  are therefore never decoded;
+- evaluation: indices r, r + world_size, ... in file order: each sample exactly once.
+Pipelines use what ffcv offers of the recipes: random resized crop + flip for training (no
+RandAugment or random erasing in ffcv), centre crop for evaluation; images come out uint8
+`[B, 3, H, W]` (normalise on the GPU with `transforms.normalize_on_device`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cvtkit.models.factory import EvalConfig
+
+from .transforms import AugmentConfig
+from .wds_loader import resume_position
+
+
+def rank_indices(num_samples: int, rank: int, world_size: int, batch_size: int, seed: int,
+                 epoch: int, train: bool, skip_batches: int = 0) -> np.ndarray:
+    """This rank's sample indices for the epoch, in delivery order."""
+    if not train:
+        return np.arange(rank, num_samples, world_size, dtype=np.uint64)
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    usable = num_samples // (world_size * batch_size) * world_size * batch_size
+    mine = order[:usable][rank::world_size]
+    return mine[skip_batches * batch_size:].astype(np.uint64)
+
+
+@dataclass
+class FfcvLoader:
+    """Batches `(uint8 images [B, 3, S, S], labels [B])` of one rank from a `.beton` file."""
+    path: str
+    batch_size: int
+    size: int
+    rank: int = 0
+    world_size: int = 1
+    workers: int = 2
+    seed: int = 0
+    train: bool = True
+    augment: AugmentConfig | None = None
+    eval_cfg: EvalConfig | None = None
+
+    def __post_init__(self):
+        from ffcv.reader import Reader
+        self.num_samples = Reader(self.path).num_samples
+        if self.train and self.num_samples < self.world_size * self.batch_size:
+            raise ValueError(f"{self.path}: {self.num_samples} samples cannot give one batch of "
+                             f"{self.batch_size} to each of {self.world_size} ranks")
+        self.epoch, self.batches_done = 0, 0
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.num_samples // (self.world_size * self.batch_size)
+        return -(-len(range(self.rank, self.num_samples, self.world_size)) // self.batch_size)
+
+    def _pipelines(self) -> dict:
+        from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
+                                          RandomResizedCropRGBImageDecoder)
+        from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+
+        if self.train:
+            aug = self.augment or AugmentConfig()
+            image = [RandomResizedCropRGBImageDecoder((self.size, self.size), scale=aug.scale,
+                                                      ratio=aug.ratio),
+                     RandomHorizontalFlip(aug.hflip)]
+        else:
+            cfg = self.eval_cfg or EvalConfig(self.size, 0.875, "center")
+            if cfg.crop_mode != "center":
+                raise ValueError(f"ffcv has no square-warp decoder for crop_mode={cfg.crop_mode!r}; "
+                                 f"evaluate from webdataset shards instead")
+            image = [CenterCropRGBImageDecoder((cfg.input_size, cfg.input_size), ratio=cfg.crop_pct)]
+        return {"image": image + [ToTensor(), ToTorchImage()], "label": [IntDecoder(), ToTensor()]}
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done,
+                "world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_done = resume_position(state, self.world_size, self.batch_size)
+
+    def __iter__(self):
+        from ffcv.loader import Loader, OrderOption
+
+        indices = rank_indices(self.num_samples, self.rank, self.world_size, self.batch_size,
+                               self.seed, self.epoch, self.train, self.batches_done if self.train else 0)
+        if len(indices) == 0:
+            return
+        loader = Loader(self.path, batch_size=self.batch_size, num_workers=max(1, self.workers),
+                        order=OrderOption.SEQUENTIAL, indices=indices, drop_last=False,
+                        seed=self.seed + self.epoch, pipelines=self._pipelines())
+        for images, labels in loader:
+            if self.train:
+                self.batches_done += 1
+            yield images, labels.flatten().to(torch.int64)
+        if self.train:
+            self.epoch, self.batches_done = self.epoch + 1, 0
