@@ -86,3 +86,14 @@ def test_augment_config_is_validated(tmp_path):
     path.write_text("kind: random\n")
     with pytest.raises(ConfigError, match="kind: expected one of 'deit', 'finetune', 'none'"):
         load_config(AugmentConfig, path)
+
+
+def test_deit_recipe_survives_its_strongest_ops():
+    """RandAugment `rand-m9-mstd0.5-inc1` can posterize to 0 bits (needs Pillow < 12), and
+    magnitude noise reaches every op's extremes: run many images through it."""
+    from timm.data.auto_augment import posterize
+    assert posterize(photo(8, 8), 0).getpixel((0, 0)) == (0, 0, 0)
+    tf = train_transform(AugmentConfig(), 24)
+    torch.manual_seed(0)
+    for i in range(300):
+        assert tf(photo(40, 30, seed=i)).shape == (3, 24, 24)

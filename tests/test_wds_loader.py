@@ -155,3 +155,11 @@ def test_reduced_size_decoding_keeps_what_the_transform_needs():
     png = io.BytesIO()
     __import__("PIL.Image").Image.new("RGB", (800, 800)).save(png, "PNG")
     assert _decode({"jpg": png.getvalue(), "cls": b"0", "__key__": "p"}, 100)[0].size == (800, 800)
+
+
+def test_loader_benchmark_prints_its_table(capsys):
+    from cvtkit.bench.loaders import main as bench_main
+    bench_main(["--images", "64", "--repeats", "1", "--workers", "1", "--size", "32", "--batch-size", "8"])
+    out = capsys.readouterr().out
+    assert "ImageFolder + timm DeiT transform" in out and "webdataset (WdsLoader)" in out
+    assert "ffcv" in out and "x ImageFolder" in out
