@@ -163,3 +163,26 @@ def test_loader_benchmark_prints_its_table(capsys):
     out = capsys.readouterr().out
     assert "ImageFolder + timm DeiT transform" in out and "webdataset (WdsLoader)" in out
     assert "ffcv" in out and "x ImageFolder" in out
+
+
+def test_shards_over_http(shards):
+    """Shards served by a local HTTP server (loopback only) read like local ones."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=shards)
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        remote = ShardSet.from_info(url, "validation")
+        assert remote.urls[0].startswith(url) and remote.num_samples == 12
+        keys = [k for b in keys_of(WdsLoader(remote, 4, train=False, workers=0, with_keys=True)) for k in b]
+        assert set(keys) == all_keys(shards, "validation")
+        with pytest.raises(FileNotFoundError, match="nowhere/_info.json: cannot be read"):
+            ShardSet.from_info(url + "/nowhere", "train")
+    finally:
+        server.shutdown()

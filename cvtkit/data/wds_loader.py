@@ -44,6 +44,11 @@ class ShardSet:
 
     @classmethod
     def from_info(cls, root: str, split: str) -> "ShardSet":
+        """`root`: a local folder, or a URL prefix webdataset opens (`https://host/in22k`,
+        `pipe:...` is not a prefix); shard URLs are `root/<filename>` from its `_info.json`."""
+        if "://" in root and not root.startswith("file://"):
+            return cls._from_url(root.rstrip("/"), split)
+        root = root.removeprefix("file://")
         info_path = Path(root) / "_info.json"
         if not info_path.is_file():
             raise FileNotFoundError(f"{info_path}: missing; make shards with data_prep/make_shards.py")
@@ -59,6 +64,18 @@ class ShardSet:
             raise FileNotFoundError(f"{missing[0]}: listed in {info_path} but absent"
                                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         return cls(urls, list(s["shard_lengths"]), info["num_classes"])
+
+    @classmethod
+    def _from_url(cls, root: str, split: str) -> "ShardSet":
+        try:
+            with wds.gopen(f"{root}/_info.json") as f:
+                info = json.loads(f.read())
+        except Exception as e:  # noqa: BLE001 - any transport error, named with the URL
+            raise FileNotFoundError(f"{root}/_info.json: cannot be read ({e})") from None
+        if split not in info.get("splits", {}):
+            raise KeyError(f"{root}/_info.json: no split {split!r}")
+        s = info["splits"][split]
+        return cls([f"{root}/{f}" for f in s["filenames"]], list(s["shard_lengths"]), info["num_classes"])
 
 
 def slot_plan(num_shards: int, slots: int, slot: int) -> tuple[list[int], int, int]:
