@@ -6,7 +6,7 @@ Exits non-zero on any mismatch, listing each one.
 import argparse
 import sys
 
-from cvtkit.data.prep import verify
+from cvtkit.data.verify import verify
 
 
 def main(argv=None) -> int:

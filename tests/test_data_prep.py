@@ -12,7 +12,8 @@ import timm.data
 from PIL import Image
 
 from cvtkit.data.images import BadImage, Resize, prepare_image
-from cvtkit.data.prep import INFO_FILE, MANIFEST_DIR, PrepOptions, run, verify
+from cvtkit.data.prep import INFO_FILE, MANIFEST_DIR, PrepOptions, run
+from cvtkit.data.verify import verify
 from cvtkit.data.sources import SourceError, scan
 
 import fake_imagenet as fake

@@ -1,8 +1,7 @@
 """Model zoo: CvT-13/21/W24 and CeiT-T/S/B with the official parameter names."""
 from .factory import (EvalConfig, ModelConfig, build_model, create_model, eval_config, list_models,
                       weight_decay_groups)
-from . import cvt, ceit  # noqa: F401  (registers the variants)
-from .ceit import CeiT, resize_pos_embed
+from .ceit import CeiT, resize_pos_embed  # importing the families registers their variants
 from .cvt import CvT
 from .weights import (CheckpointError, load_pretrained, model_from_export, read_checkpoint,
                       save_export)
