@@ -1,0 +1,64 @@
+"""Rank discovery for a single process, torchrun/deepspeed, and Slurm's srun (real where possible)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cvtkit.dist import default_port, discover, first_host
+
+from conftest import REPO
+
+
+def test_single_process():
+    d = discover({})
+    assert (d.rank, d.local_rank, d.world_size, d.launcher, d.is_main) == (0, 0, 1, "single", True)
+
+
+def test_torchrun_variables_win_over_slurm():
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234",
+           "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}
+    d = discover(env)
+    assert (d.rank, d.local_rank, d.world_size, d.master_addr, d.master_port, d.launcher) == \
+        (5, 1, 8, "n1", 1234, "torchrun")
+
+
+def test_slurm_step_and_batch_shell():
+    step = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4",
+            "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456"}
+    d = discover(step)
+    assert (d.rank, d.local_rank, d.world_size, d.master_addr, d.launcher) == (3, 1, 4, "gpu007", "slurm")
+    assert d.master_port == 20000 + 123456 % 20000
+    batch_shell = {k: v for k, v in step.items() if k not in ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS")}
+    assert discover(batch_shell).launcher == "single"
+
+
+def test_bad_values_are_named():
+    with pytest.raises(ValueError, match="WORLD_SIZE: expected an integer, got 'two'"):
+        discover({"RANK": "0", "WORLD_SIZE": "two"})
+    with pytest.raises(ValueError, match="rank 4 is outside a world of 4"):
+        discover({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+@pytest.mark.parametrize("nodelist,host", [("vm", "vm"), ("gpu[003-005,010],cpu1", "gpu003"),
+                                           ("a1,b2", "a1"), ("node[09]", "node09")])
+def test_first_host(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_export_sets_env_init_variables():
+    env = {}
+    discover({"RANK": "1", "WORLD_SIZE": "2"}).export(env)
+    assert env == {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": "29500"}
+    assert default_port(None) == 29500
+
+
+@pytest.mark.slow
+def test_under_real_srun(tmp_path, slurm_cluster):
+    script = "from cvtkit.dist import discover; d = discover(); print(d.rank, d.world_size, d.local_rank, d.launcher)"
+    proc = subprocess.run(["srun", "--ntasks=2", "--cpus-per-task=1", "--mem=500M", sys.executable, "-c", script],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.split("\n")[:2]) == ["0 2 0 slurm", "1 2 1 slurm"]
