@@ -8,6 +8,12 @@ TINY_CEIT = dict(embed_dim=32, num_heads=2, depth=3, img_size=32)
 
 @pytest.fixture(autouse=True)
 def _seed():
+    """Every test starts from the same RNG state (timm's augmentations draw from `random`)."""
+    import random
+
+    import numpy as np
+    random.seed(0)
+    np.random.seed(0)
     torch.manual_seed(0)
 
 
