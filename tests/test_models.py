@@ -363,3 +363,25 @@ def test_eval_metadata():
     with pytest.raises(ValueError, match="no evaluation metadata at 384"):
         eval_config(meta_model("ceit_tiny"), 384)
     assert isinstance(cvt, CvT) and isinstance(ceit, CeiT)
+
+
+def test_batchnorm_stays_fp32_under_bf16_parameters():
+    """DeepSpeed bf16 casts parameters, not buffers: BN must take bf16 input and weights while its
+    statistics stay fp32 (a plain BatchNorm2d raises on CPU)."""
+    from cvtkit.models.layers import BatchNorm2dFp32
+    ref, bn = nn.BatchNorm2d(8), BatchNorm2dFp32(8)
+    x = torch.randn(4, 8, 5, 5)
+    torch.testing.assert_close(bn(x), ref(x))  # fp32: the plain module's behaviour
+    for p in bn.parameters():
+        p.data = p.data.bfloat16()
+    before = bn.running_mean.clone()
+    out = bn(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
+    assert not torch.equal(bn.running_mean, before) and int(bn.num_batches_tracked) == 2
+    torch.testing.assert_close(out.float(), ref(x.bfloat16().float()), atol=0.05, rtol=0.05)
+    bn.bfloat16()
+    assert bn.running_var.dtype == torch.float32 and bn.weight.dtype == torch.bfloat16
+    model = create_model("cvt_13", num_classes=3, **TINY_CVT).eval()
+    for p in model.parameters():
+        p.data = p.data.bfloat16()
+    assert model(torch.randn(2, 3, 48, 48).bfloat16()).dtype == torch.bfloat16

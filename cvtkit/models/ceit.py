@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 
 from .factory import CENTER_224, CENTER_384, register_model
-from .layers import ATTN_IMPLS, Backbone, attention, checkpointed, trunc_normal_linear_init
+from .layers import ATTN_IMPLS, Backbone, BatchNorm2dFp32, attention, checkpointed, trunc_normal_linear_init
 
 
 class Image2Tokens(nn.Module):
@@ -25,7 +25,7 @@ class Image2Tokens(nn.Module):
     def __init__(self, in_chans: int = 3, out_chans: int = 64):
         super().__init__()
         self.conv = nn.Conv2d(in_chans, out_chans, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn = nn.BatchNorm2d(out_chans)
+        self.bn = BatchNorm2dFp32(out_chans)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ class LeFF(nn.Module):
 
     def __init__(self, dim: int, hidden: int, kernel_size: int = 3, with_bn: bool = True):
         super().__init__()
-        norm = nn.BatchNorm2d if with_bn else (lambda c: nn.Identity())
+        norm = BatchNorm2dFp32 if with_bn else (lambda c: nn.Identity())
         # Registration order follows the official module (conv1, conv2, conv3, then the BNs).
         self.conv1 = nn.Conv2d(dim, hidden, 1)
         self.conv2 = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden)

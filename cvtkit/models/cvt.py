@@ -16,8 +16,8 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from .factory import CENTER_224, SQUASH_384, register_model
-from .layers import (ATTN_IMPLS, Backbone, LayerNormFp32, QuickGELU, attention, checkpointed,
-                     trunc_normal_linear_init)
+from .layers import (ATTN_IMPLS, Backbone, BatchNorm2dFp32, LayerNormFp32, QuickGELU, attention,
+                     checkpointed, trunc_normal_linear_init)
 
 LayerNorm = partial(LayerNormFp32, eps=1e-5)
 
@@ -40,7 +40,7 @@ def conv_projection(dim: int, stride: int) -> nn.Sequential:
     """Depthwise 3x3 (no bias) then BatchNorm2d; the pointwise part is the following Linear."""
     return nn.Sequential(OrderedDict(
         conv=nn.Conv2d(dim, dim, kernel_size=3, padding=1, stride=stride, bias=False, groups=dim),
-        bn=nn.BatchNorm2d(dim),
+        bn=BatchNorm2dFp32(dim),
     ))
 
 

@@ -32,6 +32,32 @@ class LayerNormFp32(nn.LayerNorm):
         return out.type(x.dtype)
 
 
+class BatchNorm2dFp32(nn.BatchNorm2d):
+    """BatchNorm2d that computes in fp32 and keeps fp32 running statistics, whatever the dtype
+    of its input and parameters; the output has the input's dtype.
+
+    DeepSpeed's bf16/fp16 modes cast parameters but not buffers, and `.bfloat16()` would round the
+    statistics: a plain BatchNorm2d then fails on CPU ("expected scalar type BFloat16 but found
+    Float") or mixes dtypes on GPU. Same names and state_dict as nn.BatchNorm2d."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in ("running_mean", "running_var"):
+            buf = getattr(self, name)
+            if buf is not None and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return super().forward(x)
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        out = F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(),
+                           self.bias.float(), self.training, self.momentum, self.eps)
+        return out.to(x.dtype)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               dropout_p: float = 0.0, impl: str = "sdpa") -> torch.Tensor:
     """Multi-head attention on `[B, heads, T, d]` tensors, returns `[B, heads, Tq, d]`.

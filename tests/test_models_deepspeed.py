@@ -1,0 +1,51 @@
+"""The models under real DeepSpeed (ZeRO-2, bf16, two gloo processes on CPU)."""
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import TINY_CEIT, TINY_CVT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(rank, world, port, name, extra, res, results):
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+
+    from cvtkit.models import create_model, weight_decay_groups
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4, **extra)
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+              "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "gradient_clipping": 1.0}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(model, 0.05),
+                                           config=config)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(4, 3, res, res, generator=g).bfloat16()
+    y = torch.randint(0, 4, (4,), generator=g)
+    losses = []
+    for _ in range(10):  # the same batch again and again: its loss must fall
+        loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    results[rank] = losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,extra,res", [("cvt_13", TINY_CVT, 32), ("ceit_tiny", TINY_CEIT, 32)])
+def test_zero2_bf16_two_processes(name, extra, res):
+    results = mp.Manager().dict()
+    mp.spawn(_train, args=(2, _free_port(), name, extra, res, results), nprocs=2)
+    for losses in results.values():
+        assert all(torch.isfinite(torch.tensor(losses)))
+        assert losses[-1] < losses[0]
