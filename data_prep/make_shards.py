@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     except (SourceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. an output folder that cannot be written
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 

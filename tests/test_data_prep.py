@@ -345,3 +345,12 @@ def test_shards_cut_by_bytes(tmp_path):
             keys = [m.name[:-4] for m in tar if m.name.endswith(".jpg")]
         assert sum(source_sizes[k] for k in keys) <= limit or len(keys) == 1
     assert len(info["splits"]["train"]["filenames"]) > 3
+
+
+def test_unwritable_output_is_a_one_line_error(tmp_path):
+    src = fake.make_imagenet1k(tmp_path / "in1k")
+    (tmp_path / "file").write_text("not a folder")
+    proc = subprocess.run(MAKE_SHARDS + ["--source", str(src), "--out", str(tmp_path / "file" / "out")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert str(tmp_path / "file") in proc.stderr
