@@ -354,3 +354,18 @@ def test_unwritable_output_is_a_one_line_error(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
     assert str(tmp_path / "file") in proc.stderr
+
+
+def test_cli_class_file_resize_and_bad_option(tmp_path):
+    src = fake.make_imagenet1k(tmp_path / "in1k")
+    (tmp_path / "subset.txt").write_text("n01443537 goldfish\n\nn04399382 teddy\n")
+    base = MAKE_SHARDS + ["--source", str(src), "--workers", "1", "--quiet"]
+    subprocess.run(base + ["--out", str(tmp_path / "out"), "--classes", str(tmp_path / "subset.txt"),
+                           "--resize", "shorter:20"], check=True)
+    info = json.loads((tmp_path / "out" / INFO_FILE).read_text())
+    assert [c["synset"] for c in info["classes"]] == ["n01443537", "n04399382"]
+    assert info["options"]["resize"] == "shorter:20"
+    assert all(min(img.size) <= 20 for img, _ in read_samples(tmp_path / "out"))
+    proc = subprocess.run(base + ["--out", str(tmp_path / "o2"), "--resize", "wide:3"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "resize 'wide:3': expected shorter:N or longer:N" in proc.stderr
