@@ -98,3 +98,23 @@ def make_imagenet1k(root: Path, per_class=10, val_per_class=3, synsets=SYNSETS, 
     elif flat_val == "list":
         (root / "val_labels.txt").write_text("".join(f"{n} {s}\n" for n, s in rows))
     return root
+
+
+def make_colour_classes(root: Path, per_class=16, val_per_class=4, synsets=SYNSETS, size=40, seed=2) -> Path:
+    """An ImageNet-1k layout whose classes a tiny model learns in a few steps: each class is a
+    colour, with per-image noise and brightness jitter (val as synset folders)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    palette = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 60, 220), (40, 210, 210)]
+    for split, count in (("train", per_class), ("val", val_per_class)):
+        for c, s in enumerate(synsets):
+            folder = root / split / s
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                base = np.array(palette[c % len(palette)], dtype=np.float32) * rng.uniform(0.7, 1.0)
+                pixels = base + rng.normal(0, 25, (size, size, 3))
+                image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+                image.save(folder / f"{s}_{split}_{i}.JPEG", quality=90)
+    return root

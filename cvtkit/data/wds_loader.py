@@ -19,10 +19,12 @@ import itertools
 import json
 import logging
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -142,11 +144,38 @@ class _SlotStream(IterableDataset):
                 shuffle(self._raw(ids, stride, phase)) for _ in itertools.count())
             done = self.skip_batches // workers + (worker < self.skip_batches % workers)
             stream = itertools.islice(shuffled, done * self.batch_size, my_batches * self.batch_size)
-        for sample in stream:
+        first = done * self.batch_size if self.train else 0
+        for index, sample in enumerate(stream, start=first):
             img, label, key = _decode(sample, self.decode_min_side)
-            if self.transform is not None:
+            if self.transform is not None and self.train:
+                # Without workers this runs in the trainer's process: keep its RNG untouched.
+                saved = _rng_states() if info is None else None
+                _seed_sample(f"{self.seed}:{self.epoch}:{slot}:{index}")
+                img = self.transform(img)
+                if saved is not None:
+                    _set_rng_states(saved)
+            elif self.transform is not None:
                 img = self.transform(img)
             yield (img, label, key) if self.with_keys else (img, label)
+
+
+def _seed_sample(name: str) -> None:
+    """Seed the augmentation RNGs (timm draws from `random`, numpy and torch) from the sample's
+    place in the epoch, so a resumed epoch augments each sample exactly as an uninterrupted one."""
+    seed = zlib.crc32(name.encode())
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_states() -> tuple:
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_rng_states(states: tuple) -> None:
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
 
 
 def resume_position(state: dict, world_size: int, batch_size: int) -> tuple[int, int]:
@@ -214,8 +243,10 @@ class WdsLoader:
                               self.epoch, self.transform, self.train, self.shuffle_buffer,
                               self.batches_done if self.train else 0, self.with_keys,
                               self.decode_min_side)
+        # Its own generator: creating the loader must not draw from the trainer's global RNG,
+        # or a resumed run's dropout and mixup would differ from an uninterrupted one.
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
-                            collate_fn=_collate)
+                            collate_fn=_collate, generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
             if self.train:
                 self.batches_done += 1

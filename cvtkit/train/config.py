@@ -1,0 +1,164 @@
+"""The run config shared by pretraining and fine-tuning: one YAML, validated by these dataclasses.
+
+    cfg = load_config(RunConfig, "configs/pretrain/cvt_13_224_in1k.yaml", ["optim.lr=1e-3"])
+
+Batch identity: `data.batch_size` is the global batch (what the papers quote), and
+`global = micro_batch x accumulation x world size`. `engine.micro_batch` is per rank; the
+accumulation steps follow from the world size at launch, so a run resumed on another number of
+ranks keeps its global batch. The learning rate is the one for the global batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cvtkit.config import require
+from cvtkit.data.transforms import AugmentConfig
+from cvtkit.models.factory import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are batched."""
+    format: Literal["wds", "ffcv"] = "wds"
+    train: str = ""  # wds: a shard folder with _info.json (or URL prefix); ffcv: a .beton file
+    train_split: str = "train"
+    val: str | None = None  # as `train`; None: no validation
+    val_split: str = "validation"
+    res: int = 224
+    eval_res: int | None = None  # None: `res`
+    batch_size: int = 256  # global
+    eval_batch: int = 64  # per rank
+    workers: int = 4  # per rank
+    shuffle_buffer: int = 2000
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        require(bool(self.train), "train", "a shard folder or .beton path", self.train)
+        require(self.res > 0, "res", "a positive resolution", self.res)
+        require(self.batch_size > 0, "batch_size", "a positive global batch", self.batch_size)
+        require(self.eval_batch > 0, "eval_batch", "a positive batch", self.eval_batch)
+        require(self.workers >= 0, "workers", ">= 0", self.workers)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3  # for the global batch
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    grad_clip: float = 0.0  # max global grad norm; 0: off
+
+    def __post_init__(self):
+        require(self.lr > 0, "lr", "a positive learning rate", self.lr)
+        require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        require(self.grad_clip >= 0, "grad_clip", ">= 0 (0 turns clipping off)", self.grad_clip)
+
+
+@dataclass
+class ScheduleConfig:
+    """Per-step warmup (linear from `warmup_lr`) then cosine to `min_lr` (or constant).
+    Length in epochs or steps (exactly one of them); the same for the warmup."""
+    kind: Literal["cosine", "constant"] = "cosine"
+    epochs: float | None = None
+    steps: int | None = None
+    warmup_epochs: float = 0.0
+    warmup_steps: int | None = None  # wins over warmup_epochs when set
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+    def __post_init__(self):
+        require((self.epochs is None) != (self.steps is None), "epochs",
+                "exactly one of schedule.epochs and schedule.steps", (self.epochs, self.steps))
+        require(self.epochs is None or self.epochs > 0, "epochs", "a positive number", self.epochs)
+        require(self.steps is None or self.steps > 0, "steps", "a positive number", self.steps)
+        require(self.warmup_epochs >= 0, "warmup_epochs", ">= 0", self.warmup_epochs)
+
+
+@dataclass
+class EngineConfig:
+    """How the model runs: DeepSpeed ZeRO, precision, per-rank micro batch, speed options."""
+    zero_stage: int = 2
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    micro_batch: int | None = None  # per rank; None: the global batch / world size (no accumulation)
+    compile: bool = False
+    channels_last: bool = False
+    dist_timeout_s: int = 600  # collectives give up after this long (a lost rank ends the job)
+    seed: int = 0
+    max_nonfinite: int = 3  # consecutive non-finite losses before the run stops
+
+    def __post_init__(self):
+        require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        require(self.micro_batch is None or self.micro_batch > 0, "micro_batch", "a positive batch",
+                self.micro_batch)
+        require(self.dist_timeout_s > 0, "dist_timeout_s", "a positive number of seconds",
+                self.dist_timeout_s)
+        require(self.max_nonfinite >= 1, "max_nonfinite", ">= 1", self.max_nonfinite)
+
+
+@dataclass
+class EmaConfig:
+    decay: float = 0.0  # 0: no EMA
+    every_steps: int = 1
+
+    def __post_init__(self):
+        require(0 <= self.decay < 1, "decay", "a value in [0, 1) (0 turns EMA off)", self.decay)
+        require(self.every_steps >= 1, "every_steps", ">= 1", self.every_steps)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # 0: only at the end (and on preemption)
+    keep: int = 3  # complete checkpoints kept; older ones are deleted once a newer is complete
+    resume: Literal["auto", "require", "never"] = "auto"  # auto: resume when the run folder has one
+    # End this process at this step as a preemption would (save, exit 75) though the schedule goes
+    # on: a run split into time slots, or a resume rehearsal. 0: run to the end.
+    stop_at_step: int = 0
+
+    def __post_init__(self):
+        require(self.every_steps >= 0, "every_steps", ">= 0", self.every_steps)
+        require(self.keep >= 1, "keep", ">= 1", self.keep)
+        require(self.stop_at_step >= 0, "stop_at_step", ">= 0 (0: run to the end)", self.stop_at_step)
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 50
+    eval_every_steps: int = 0  # 0: evaluate at the end only
+    progress: bool = True  # a progress bar on rank 0
+
+    def __post_init__(self):
+        require(self.every_steps >= 1, "every_steps", ">= 1", self.every_steps)
+        require(self.eval_every_steps >= 0, "eval_every_steps", ">= 0", self.eval_every_steps)
+
+
+@dataclass
+class InitConfig:
+    """Fine-tuning: the weights to start from and what to do with their classifier."""
+    pretrained: str | None = None  # run folder, DeepSpeed checkpoint, export, official or HF file
+    head: Literal["synset", "fresh", "keep"] = "synset"  # synset: copy rows of the same synsets
+    use_ema: bool = False  # take the EMA weights when the checkpoint has them
+    classes_from: str | None = None  # wds folder whose _info.json lists the pretrained classes
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    schedule: ScheduleConfig
+    name: str = "run"
+    out_dir: str = "runs"  # the run folder is out_dir/name
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+    def __post_init__(self):
+        require(bool(self.name) and "/" not in self.name, "name", "a folder name without '/'", self.name)
+        if self.ema.decay > 0 and self.engine.zero_stage == 3:
+            raise ValueError("ema: an EMA needs whole parameters on every rank; use engine.zero_stage <= 2")

@@ -1,0 +1,77 @@
+"""What a run reports: tensorboard scalars and `metrics.jsonl` (rank 0), MFU, memory."""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) by device name; MFU is left out where unknown.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by this process, or its peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class RunLog:
+    """Scalars to tensorboard and one JSON line per record in `metrics.jsonl`; rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.path = run_dir / "metrics.jsonl"
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Throughput:
+    """Images/s, data-wait fraction and step time over a logging window."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.images, self.steps, self.data_wait = time.perf_counter(), 0, 0, 0.0
+
+    def add(self, images: int, data_wait: float) -> None:
+        self.images += images
+        self.steps += 1
+        self.data_wait += data_wait
+
+    def read(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"images_per_s": self.images / elapsed, "step_s": elapsed / max(self.steps, 1),
+                "data_wait_fraction": self.data_wait / elapsed}

@@ -1,0 +1,95 @@
+"""Launch real training processes for the tests: N ranks as N processes with the variables a
+launcher exports (as srun or torchrun would), on tiny learnable shards."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fake_imagenet as fake
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
+
+
+def make_tiny_shards(root: Path, per_class=16, val_per_class=4, shard_samples=20) -> str:
+    from cvtkit.data.prep import PrepOptions, run
+    src = fake.make_colour_classes(root / "src", per_class=per_class, val_per_class=val_per_class)
+    out = root / "shards"
+    run(PrepOptions(source=str(src), out=str(out), shard_samples=shard_samples, workers=1), progress=False)
+    return str(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(nproc: int, argv: list[str], script: str = "pretrain/train.py", cwd: Path = REPO,
+          env: dict | None = None) -> list[subprocess.Popen]:
+    """Start `nproc` ranks of `script` (stdout+stderr of each to a pipe)."""
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
+        e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                 PYTHONUNBUFFERED="1", **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, str(REPO / script), *argv], cwd=cwd, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait(procs: list[subprocess.Popen], timeout: float = 300) -> tuple[list[int], str]:
+    """Return codes and rank 0's output (all ranks' output when one failed)."""
+    outputs = []
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outputs.append(out)
+    codes = [p.returncode for p in procs]
+    text = outputs[0] if all(c == codes[0] for c in codes) else "\n".join(
+        f"--- rank {i} (exit {c})\n{o}" for i, (c, o) in enumerate(zip(codes, outputs)))
+    return codes, text
+
+
+def train(run_root: Path, shards: str, overrides: list[str] = (), nproc: int = 2,
+          config: Path = TINY_CONFIG, timeout: float = 300) -> tuple[list[int], str]:
+    argv = ["--config", str(config), "--set", f"data.train={shards}", f"data.val={shards}",
+            f"out_dir={run_root}", *overrides]
+    return wait(spawn(nproc, argv), timeout)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in metrics(run_dir) if "train/loss" in m}
+
+
+def signal_when_step(procs: list[subprocess.Popen], run_dir: Path, step: int, sig=signal.SIGUSR1,
+                     timeout: float = 240) -> None:
+    """Send `sig` to every rank once `metrics.jsonl` has a record at or past `step`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(m.get("step", 0) >= step for m in metrics(run_dir)):
+            for p in procs:
+                p.send_signal(sig)
+            return
+        if any(p.poll() is not None for p in procs):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{run_dir}: step {step} not reached in {timeout} s")
