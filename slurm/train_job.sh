@@ -1,0 +1,35 @@
+#!/bin/bash
+# The body shared by slurm/pretrain_w24.sh and slurm/finetune_w24_384.sh (not an sbatch script):
+# one task per GPU through srun, master address from the node list, and the requeue after a
+# checkpoint on preemption or time-out.
+#
+# In: REPO, ENTRY (pretrain/train.py or finetune/finetune.py), CONFIG (default recipe), and the
+# job script's arguments (`--config FILE`, `--set key=value ...`, `--pretrained PATH`), added
+# after CVTKIT_CONFIG / CVTKIT_SET from the environment.
+set -uo pipefail
+: "${SLURM_JOB_ID:?run this through sbatch}"
+source "$REPO/slurm/env.sh"
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+args=()
+case " $* " in *" --config "*) ;; *) args+=(--config "${CVTKIT_CONFIG:-$CONFIG}") ;; esac
+# shellcheck disable=SC2206 # CVTKIT_SET is a space-separated list of key=value
+[ -n "${CVTKIT_SET:-}" ] && args+=(--set ${CVTKIT_SET})
+args+=("$@")
+
+echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
+     "$SLURM_NTASKS tasks, master $MASTER_ADDR:$MASTER_PORT, $ENTRY ${args[*]}"
+# Every task gets the --signal of sbatch; each saves at the same step boundary and exits 75.
+# No --kill-on-bad-exit: the first rank to exit 75 must not cut the others short. A crashed rank
+# ends the others through their collective timeout (engine.dist_timeout_s) instead.
+srun --export=ALL "$PYTHON" -u "$REPO/$ENTRY" "${args[@]}"
+rc=$?
+if [ "$rc" -eq 75 ]; then
+    echo "[$(date -Is)] checkpoint saved after a signal: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    echo "scontrol requeue failed; resubmit the same command to resume" >&2
+fi
+echo "[$(date -Is)] job $SLURM_JOB_ID ended with $rc"
+exit "$rc"

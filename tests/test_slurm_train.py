@@ -1,0 +1,99 @@
+"""The real job scripts on a real (single-node) Slurm: sbatch slurm/pretrain_w24.sh with a tiny
+override, preemption -> save -> requeue -> resume, and the submitit path."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cvtkit.train.checkpoint import complete_tags, tag_for
+
+from train_helpers import REPO, TINY_CONFIG, make_tiny_shards, metrics
+
+# Two CPU tasks on one node instead of 4 nodes x 8 GPUs; everything else is the script's own.
+SMALL_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=4G"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_tiny_shards(tmp_path_factory.mktemp("slurm_train"))
+
+
+def job_env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    return env
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "GONE")
+
+
+@pytest.mark.slow
+def test_sbatch_pretrain_w24_trains_and_checkpoints(shards, tmp_path, slurm_cluster):
+    env = job_env()
+    env["CVTKIT_SET"] = "schedule.epochs=1"  # overrides from the environment, then the arguments
+    proc = subprocess.run(["sbatch", "--wait", *SMALL_JOB, f"--output={tmp_path}/job.log", "slurm/pretrain_w24.sh",
+                           "--config", str(TINY_CONFIG), "--set", f"data.train={shards}", f"data.val={shards}",
+                           f"out_dir={tmp_path}/runs"],
+                          cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
+    log = (tmp_path / "job.log").read_text()
+    assert proc.returncode == 0, proc.stderr + log
+    assert "2 tasks, master" in log and "micro batch 8 x accumulation 1 x 2 ranks; 4 steps" in log
+    assert "finished 4 steps" in log
+    assert complete_tags(tmp_path / "runs/tiny_cpu/checkpoints") == [tag_for(4)]
+
+
+@pytest.mark.slow
+def test_preempted_job_saves_requeues_and_resumes(shards, tmp_path, slurm_cluster):
+    """USR1 to every task (as --signal sends before the time limit): all ranks save at one step,
+    the job requeues itself (same id, SLURM_RESTART_COUNT=1), resumes and finishes."""
+    run = tmp_path / "runs/tiny_cpu"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", *SMALL_JOB, f"--output={tmp_path}/job.log", "slurm/pretrain_w24.sh",
+         "--config", str(TINY_CONFIG), "--set", f"data.train={shards}", f"data.val={shards}",
+         f"out_dir={tmp_path}/runs", "schedule.epochs=6", "log.every_steps=1", "checkpoint.every_steps=0"],
+        cwd=REPO, capture_output=True, text=True, check=True, env=job_env()).stdout.strip().split(";")[0]
+    deadline = time.time() + 300
+    while not any(m.get("step", 0) >= 3 for m in metrics(run)):
+        assert time.time() < deadline and job_state(job_id) in ("PENDING", "RUNNING"), \
+            (tmp_path / "job.log").read_text()
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    deadline = time.time() + 600  # Slurm holds a requeued job about 2 minutes before it restarts
+    while job_state(job_id) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
+        assert time.time() < deadline, "the requeued job did not finish"
+        time.sleep(2)
+    log = (tmp_path / "job.log").read_text()
+    assert job_state(job_id) == "COMPLETED", log
+    assert "stopped by signal" in log and "requeueing job" in log and "(restart 1)" in log
+    starts = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]
+    assert [s["slurm_restart_count"] for s in starts] == [None, "1"]
+    assert starts[1]["step"] > 0  # resumed, not restarted
+    assert sorted({m["step"] for m in metrics(run) if "train/loss" in m}) == list(range(1, 25))
+    assert complete_tags(run / "checkpoints")[-1] == tag_for(24)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["slurm", "local"])
+def test_submitit_runs_to_completion(shards, tmp_path, slurm_cluster, cluster):
+    proc = subprocess.run(
+        [sys.executable, "slurm/submit.py", "--cluster", cluster, "--config", str(TINY_CONFIG),
+         "--tasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--mem-gb", "4",
+         "--folder", f"{tmp_path}/submitit/%j", "--wait", "--set", f"data.train={shards}",
+         f"data.val={shards}", f"out_dir={tmp_path}/runs", "schedule.epochs=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=400, env=job_env())
+    logs = "".join(p.read_text() for p in tmp_path.glob("submitit/*/*_0_log.*"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    assert "finished with [0, 0]" in proc.stdout
+    assert "finished 4 steps" in logs
+    assert complete_tags(tmp_path / "runs/tiny_cpu/checkpoints") == [tag_for(4)]
+
+
+def test_job_script_outside_slurm_says_so(tmp_path):
+    env = job_env()
+    proc = subprocess.run(["bash", "slurm/pretrain_w24.sh"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and "run this through sbatch" in proc.stderr
