@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config build-essential slurmctld slurmd slurm-client munge
 SETUP_STAMP := $(VENV)/.setup-complete
 
-.PHONY: setup test demo zoo clean
+.PHONY: setup test demo zoo bench clean
 
 setup: $(SETUP_STAMP)
 
@@ -33,6 +33,21 @@ demo: setup
 
 zoo: setup
 	$(PY) -m cvtkit.models.summary
+
+# Training-step table (GPU: the BENCHMARKS.md configurations; CPU: a small smoke configuration),
+# then the loader and shard-writing benchmarks; one summary at the end. Progress goes to stderr.
+# `make bench BENCH_TRAIN_ARGS="--configs cvt_13@224:b256:ref cvt_13@224:b256:sdpa+cl+rcompile"`
+bench: setup
+	@set -e -o pipefail; d=$$(mktemp -d); trap 'rm -rf "$$d"' EXIT; \
+	echo "bench: training step (python -m cvtkit.bench.train $(BENCH_TRAIN_ARGS))"; \
+	$(PY) -m cvtkit.bench.train $(BENCH_TRAIN_ARGS) > "$$d/train.md"; \
+	echo "bench: loaders (python -m cvtkit.bench.loaders)"; \
+	$(PY) -m cvtkit.bench.loaders > "$$d/loaders.txt"; \
+	echo "bench: shard writing (python -m cvtkit.bench.shards)"; \
+	$(PY) -m cvtkit.bench.shards > "$$d/shards.txt"; \
+	printf '\n# cvtkit benchmarks (%s, %s)\n\n## Training step\n\n' "$$(hostname)" "$$(date -u +%Y-%m-%dT%H:%MZ)"; \
+	cat "$$d/train.md"; printf '\n## Loaders\n\n'; cat "$$d/loaders.txt"; \
+	printf '\n## Shard writing\n\n'; cat "$$d/shards.txt"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -16,11 +16,6 @@
 #SBATCH --signal=USR1@300
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.log
-set -euo pipefail
+# sbatch runs a copy of this script: the checkout is the submit directory (or CVTKIT_REPO).
 REPO=${CVTKIT_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}}
-[ -f "$REPO/finetune/finetune.py" ] || {
-    echo "finetune_w24_384.sh: $REPO is not a cvtkit checkout: submit from the checkout or set CVTKIT_REPO" >&2
-    exit 2
-}
-REPO=$REPO ENTRY=finetune/finetune.py CONFIG=configs/finetune/cvt_w24_384_ft1k.yaml \
-    exec "$REPO/slurm/train_job.sh" "$@"
+REPO=$REPO ENTRY=finetune/finetune.py CONFIG=configs/finetune/cvt_w24_384_ft1k.yaml exec bash "$REPO/slurm/train_job.sh" "$@"

@@ -7,6 +7,10 @@
 # job script's arguments (`--config FILE`, `--set key=value ...`, `--pretrained PATH`), added
 # after CVTKIT_CONFIG / CVTKIT_SET from the environment.
 set -uo pipefail
+[ -f "$REPO/$ENTRY" ] || {
+    echo "slurm: $REPO is not a cvtkit checkout (no $ENTRY): submit from the checkout or set CVTKIT_REPO" >&2
+    exit 2
+}
 : "${SLURM_JOB_ID:?run this through sbatch}"
 source "$REPO/slurm/env.sh"
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}

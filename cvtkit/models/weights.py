@@ -5,8 +5,12 @@ Formats read (detected from the content, not the file name):
 - official CeiT / DeiT-style `.pth`: `{'model': ..., 'model_ema': ..., 'args': Namespace, ...}`;
 - HuggingFace `microsoft/cvt-*`: `pytorch_model.bin` or `model.safetensors` (or their folder),
   names mapped with SPEC B6;
-- the project's exports: a folder with `model.safetensors` and `cvtkit.json`.
-Pickles are read with `torch.load(weights_only=True)`; no code from a checkpoint ever runs.
+- the project's exports: a folder with `model.safetensors` and `cvtkit.json`;
+- the project's training runs (DeepSpeed, any ZeRO stage): a run folder (its newest complete
+  checkpoint), its `checkpoints/` folder or one tag folder, consolidated with DeepSpeed's own
+  `zero_to_fp32` (`cvtkit.train.checkpoint.consolidated_state_dict`).
+Pickles are read with `torch.load(weights_only=True)`; no code from a checkpoint ever runs. The
+exception is a DeepSpeed checkpoint, which DeepSpeed itself unpickles: read runs you trust.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .ceit import CeiT, resize_pos_embed
-from .factory import create_model
+from .factory import EvalConfig, ModelConfig, build_model, create_model, list_models
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_META = "cvtkit.json"
@@ -61,7 +65,7 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """Weights under the official names, plus what is known about where they came from."""
     state_dict: dict[str, torch.Tensor]
-    source_format: str  # "official", "official-wrapped", "huggingface" or "export"
+    source_format: str  # "official", "official-wrapped", "huggingface", "export" or "deepspeed"
     path: Path
     metadata: dict = field(default_factory=dict)
 
@@ -119,9 +123,56 @@ def _resolve_file(path: Path) -> Path:
     return path
 
 
+def _read_deepspeed(tag_dir: Path, use_ema: bool) -> Checkpoint:
+    """A checkpoint of a cvtkit run (or any DeepSpeed tag folder), consolidated. `metadata` holds
+    what the run recorded: `model_name`, `num_classes`, `classes` (synsets, or None), `step`,
+    and `run_config` (the run's resolved config.yaml) when the run folder has one."""
+    import yaml
+
+    from cvtkit.train.checkpoint import consolidated_state_dict
+
+    try:
+        state = consolidated_state_dict(tag_dir)
+    except Exception as e:  # noqa: BLE001 - DeepSpeed's errors, re-raised with the folder
+        raise CheckpointError(f"{tag_dir}: DeepSpeed checkpoint cannot be consolidated "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if use_ema:
+        ema_file = tag_dir / "ema.pt"
+        if not ema_file.is_file():
+            raise CheckpointError(f"{tag_dir}: has no ema.pt (the run kept no EMA: ema.decay was 0)")
+        state.update(torch.load(ema_file, map_location="cpu", weights_only=True))
+    meta_file, config_file = tag_dir / "meta.json", tag_dir.parent.parent / "config.yaml"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    run_config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+    classes = meta.get("classes")
+    if classes is None and run_config and meta.get("classes_sha"):
+        # A run saved before meta.json listed its classes: its training shards still do.
+        from cvtkit.train.data import dataset_classes
+        listed = dataset_classes(run_config["data"]["train"], run_config["data"].get("train_split", "train"))
+        if listed and _classes_sha(listed) == meta["classes_sha"]:
+            classes = listed
+    metadata = {"model_name": meta.get("model"), "num_classes": meta.get("num_classes"),
+                "classes": classes, "step": meta.get("step"), "zero_stage": meta.get("zero_stage"),
+                "res": meta.get("res"), "run_config": run_config, "use_ema": use_ema}
+    return Checkpoint(state, "deepspeed", tag_dir, metadata)
+
+
+def _classes_sha(classes: list[str]) -> str:
+    import hashlib
+    return hashlib.sha256("\n".join(classes).encode()).hexdigest()[:16]
+
+
 def read_checkpoint(path: str | Path, use_ema: bool = False) -> Checkpoint:
     """Read weights from any supported format; returns them under the official names."""
     path = Path(path)
+    if path.is_dir():
+        from cvtkit.train.checkpoint import ResumeError, find_tag_folder
+        try:
+            tag_dir = find_tag_folder(path)
+        except ResumeError as e:
+            raise CheckpointError(str(e)) from None
+        if tag_dir is not None:
+            return _read_deepspeed(tag_dir, use_ema)
     file = _resolve_file(path)
     metadata: dict = {}
     if file.suffix == ".safetensors":
@@ -229,12 +280,49 @@ def save_export(model: nn.Module, out_dir: str | Path, classes: list | None = No
     return out
 
 
+def checkpoint_classes(ckpt: Checkpoint) -> list[str] | None:
+    """The synsets of the checkpoint's classifier rows, where it records them (runs, exports)."""
+    classes = ckpt.metadata.get("classes")
+    if not classes:
+        return None
+    return [c["synset"] if isinstance(c, Mapping) else str(c) for c in classes]
+
+
+def model_from_checkpoint(path: str | Path, model_name: str | None = None,
+                          use_ema: bool = False) -> tuple[nn.Module, Checkpoint]:
+    """Build the model a checkpoint describes and load its weights strictly.
+
+    Exports and training runs name their model and its options (an export's evaluation
+    metadata is restored too); an official or HuggingFace file needs `model_name`, and its
+    class count is read from the head."""
+    ckpt = read_checkpoint(path, use_ema=use_ema)
+    return _model_for(ckpt, model_name), ckpt
+
+
+def _model_for(ckpt: Checkpoint, model_name: str | None) -> nn.Module:
+    meta = ckpt.metadata
+    described = meta.get("model_name") if model_name in (None, meta.get("model_name")) else None
+    if ckpt.source_format == "export" and described:
+        model = create_model(described, num_classes=meta["num_classes"], **meta.get("model_options", {}))
+        for res, cfg in meta.get("eval", {}).items():
+            model.eval_cfgs.setdefault(int(res), EvalConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                               for k, v in cfg.items()}))
+    elif ckpt.source_format == "deepspeed" and described and meta.get("run_config"):
+        model = build_model(ModelConfig(**{**meta["run_config"]["model"], "grad_checkpointing": False}))
+    else:
+        name = model_name or meta.get("model_name")
+        if name is None:
+            raise CheckpointError(f"{ckpt.path}: does not say which model it holds; name it "
+                                  f"(one of {', '.join(list_models())})")
+        head = ckpt.state_dict.get("head.weight")
+        model = create_model(name, num_classes=head.shape[0] if head is not None else 0)
+    load_state_dict_checked(model, ckpt.state_dict, source=str(ckpt.path))
+    return model
+
+
 def model_from_export(path: str | Path) -> nn.Module:
     """Build the model an export describes and load its weights strictly."""
     ckpt = read_checkpoint(path)
     if ckpt.source_format != "export":
         raise CheckpointError(f"{ckpt.path}: not a cvtkit export (no {EXPORT_META} beside it)")
-    meta = ckpt.metadata
-    model = create_model(meta["model_name"], num_classes=meta["num_classes"], **meta["model_options"])
-    load_state_dict_checked(model, ckpt.state_dict, source=str(ckpt.path))
-    return model
+    return _model_for(ckpt, None)

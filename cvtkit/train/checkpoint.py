@@ -190,3 +190,57 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- reading weights back
+
+_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def is_tag_folder(path: Path) -> bool:
+    """A folder DeepSpeed's `save_checkpoint` wrote (ours or anyone's)."""
+    return any((path / name).is_file() for name in _MODEL_STATES)
+
+
+def find_tag_folder(path: str | Path) -> Path | None:
+    """A run folder, its `checkpoints/` folder or a tag folder -> the tag folder to read: the
+    newest complete one (`latest_complete`), or what DeepSpeed's own `latest` names in a folder
+    written by other code. None when `path` is none of these; `ResumeError` when it is a run
+    folder without a complete checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if is_tag_folder(path):
+        return path
+    run_folder = (path / "checkpoints").is_dir()
+    ckpt_dir = path / "checkpoints" if run_folder else path
+    tag = latest_complete(ckpt_dir)
+    if tag is not None:
+        return ckpt_dir / tag
+    pointer = ckpt_dir / "latest"
+    named = ckpt_dir / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and not TAG_RE.match(named.name) and is_tag_folder(named):
+        return named
+    if run_folder or any(TAG_RE.match(p.name) for p in ckpt_dir.iterdir()):
+        raise ResumeError(f"{ckpt_dir}: no complete checkpoint (none has a {COMPLETE} marker)")
+    return None
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 model state of a DeepSpeed checkpoint of any ZeRO stage, on CPU.
+
+    ZeRO 1-3: DeepSpeed's own `zero_to_fp32` gathers the fp32 master weights from every rank's
+    optimizer shard (and the buffers from the model states). ZeRO 0 has no shards: the module
+    state is whole in `mp_rank_00_model_states.pt`. Both unpickle DeepSpeed's files with
+    `weights_only=False`: read checkpoints you trust."""
+    import contextlib
+    import io
+
+    tag_dir = Path(tag_dir)
+    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:
+        state = torch.load(tag_dir / _MODEL_STATES[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -89,6 +89,9 @@ class EngineConfig:
     dist_timeout_s: int = 600  # collectives give up after this long (a lost rank ends the job)
     seed: int = 0
     max_nonfinite: int = 3  # consecutive non-finite losses before the run stops
+    # eval: the model stays in eval() while it trains, as DeiT/CeiT fine-tuning does (SPEC C8):
+    # BatchNorm keeps its pretrained statistics, drop path and dropout are off.
+    train_mode: Literal["train", "eval"] = "train"
 
     def __post_init__(self):
         require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3", self.zero_stage)
@@ -137,11 +140,16 @@ class LogConfig:
 
 @dataclass
 class InitConfig:
-    """Fine-tuning: the weights to start from and what to do with their classifier."""
+    """Fine-tuning (finetune/finetune.py): the weights to start from and what to do with their
+    classifier. synset: each class of the fine-tuning data gets the pretrained row of the same
+    synset (a fresh row, with a warning, where there is none); fresh: a new head; keep: the
+    pretrained head as it is (same classes)."""
     pretrained: str | None = None  # run folder, DeepSpeed checkpoint, export, official or HF file
-    head: Literal["synset", "fresh", "keep"] = "synset"  # synset: copy rows of the same synsets
-    use_ema: bool = False  # take the EMA weights when the checkpoint has them
-    classes_from: str | None = None  # wds folder whose _info.json lists the pretrained classes
+    head: Literal["synset", "fresh", "keep"] = "synset"
+    use_ema: bool = False  # start from the EMA weights (ema.pt of a run, 'model_ema' of CeiT's)
+    # the pretrained classes, when the checkpoint does not list them: a wds folder (its
+    # _info.json); official checkpoints of 21,841 or 1,000 rows are taken as sorted synsets
+    classes_from: str | None = None
 
 
 @dataclass

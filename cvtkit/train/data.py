@@ -63,9 +63,10 @@ def eval_loader(path: str, split: str, fmt: str, eval_cfg: EvalConfig, batch: in
                 world_size: int, workers: int):
     """Each sample once across ranks, with the official evaluation transform of `eval_cfg`."""
     if fmt == "ffcv":
-        from cvtkit.data.ffcv_loader import FfcvLoader
-        return FfcvLoader(path, batch, eval_cfg.input_size, rank, world_size, workers, train=False,
-                          eval_cfg=eval_cfg)
+        # The stored images through PIL and the official transform: ffcv's decoders resize with
+        # OpenCV and cannot warp to a square (CvT at 384), see eval_data.
+        from .eval_data import beton_eval_loader
+        return beton_eval_loader(path, eval_cfg, batch, rank, world_size, workers)
     from cvtkit.data.wds_loader import ShardSet, WdsLoader
     shards = ShardSet.from_info(path, split)
     return WdsLoader(shards, batch, rank, world_size, workers, transform=eval_transform(eval_cfg, normalize=False),

@@ -217,7 +217,8 @@ class Trainer:
         return {"step": step, "model": self.cfg.model.name, "num_classes": self.cfg.model.num_classes,
                 "global_batch": self.cfg.data.batch_size, "world_size": self.world,
                 "zero_stage": self.cfg.engine.zero_stage, "precision": self.cfg.engine.precision,
-                "classes_sha": sha, "res": self.cfg.data.res}
+                "classes_sha": sha, "res": self.cfg.data.res,
+                "classes": classes}  # synsets of the head's rows: fine-tuning maps them by synset
 
     def setup(self) -> None:
         import deepspeed
@@ -347,7 +348,8 @@ class Trainer:
         batches = self._batches()
         meter = Throughput()
         nonfinite_run = 0
-        self.engine.train()
+        # engine.train_mode=eval: frozen BN statistics and no drop path (DeiT/CeiT fine-tuning)
+        self.engine.train(cfg.engine.train_mode == "train")
         while self.step < total:
             lr = self.schedule(self.step)
             for group in self.optimizer.param_groups:
