@@ -27,9 +27,10 @@ $(SETUP_STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q -ra
 
-# Until the full pipeline demo lands: the model zoo with its parameter and MAC counts.
+# The whole pipeline on scikit-learn's bundled digits, on CPU: shards -> DeepSpeed pretraining
+# (2 processes, stopped halfway and resumed) -> fine-tuning at a higher resolution -> evaluation.
 demo: setup
-	$(PY) -m cvtkit.models.summary
+	$(PY) -m cvtkit.demo
 
 zoo: setup
 	$(PY) -m cvtkit.models.summary

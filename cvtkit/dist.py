@@ -80,3 +80,23 @@ def discover(env: Mapping[str, str] | None = None) -> DistEnv:
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside a world of {world} processes ({launcher} variables)")
     return DistEnv(rank, local, world, addr, port, launcher)
+
+
+def launch_local(nproc: int, cmd: list[str], env: Mapping[str, str] | None = None, **popen) -> list:
+    """Start `nproc` ranks of `cmd` on this machine with the variables torchrun would export (the
+    way srun starts one process per task); returns their `subprocess.Popen`s. Unlike torchrun it
+    passes each rank's exit status through, such as 75 for "saved, resume me"."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in (os.environ if env is None else env).items()
+            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    procs = []
+    for rank in range(nproc):
+        rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                        LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(cmd, env=rank_env, **popen))
+    return procs

@@ -33,7 +33,7 @@ def job_state(job_id: str) -> str:
 
 
 @pytest.mark.slow
-def test_sbatch_pretrain_w24_trains_and_checkpoints(shards, tmp_path, slurm_cluster):
+def test_sbatch_pretrain_w24_then_finetune_w24_384(shards, tmp_path, slurm_cluster):
     env = job_env()
     env["CVTKIT_SET"] = "schedule.epochs=1"  # overrides from the environment, then the arguments
     proc = subprocess.run(["sbatch", "--wait", *SMALL_JOB, f"--output={tmp_path}/job.log", "slurm/pretrain_w24.sh",
@@ -45,6 +45,16 @@ def test_sbatch_pretrain_w24_trains_and_checkpoints(shards, tmp_path, slurm_clus
     assert "2 tasks, master" in log and "micro batch 8 x accumulation 1 x 2 ranks; 4 steps" in log
     assert "finished 4 steps" in log
     assert complete_tags(tmp_path / "runs/tiny_cpu/checkpoints") == [tag_for(4)]
+
+    # ... and the fine-tuning job script starts from that run
+    proc = subprocess.run(["sbatch", "--wait", *SMALL_JOB, f"--output={tmp_path}/ft.log", "slurm/finetune_w24_384.sh",
+                           "--config", str(REPO / "configs/finetune/tiny_cpu.yaml"),
+                           "--pretrained", f"{tmp_path}/runs/tiny_cpu", "--set", f"data.train={shards}",
+                           f"data.val={shards}", f"out_dir={tmp_path}/runs"],
+                          cwd=REPO, capture_output=True, text=True, timeout=400, env=job_env())
+    log = (tmp_path / "ft.log").read_text()
+    assert proc.returncode == 0, proc.stderr + log
+    assert "4/4 head rows copied by synset" in log and "finished 8 steps" in log
 
 
 @pytest.mark.slow

@@ -195,3 +195,10 @@ def test_entry_point_help_runs():
     out = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "--config" in out.stdout
+
+
+def test_deepspeed_launcher_argument_is_accepted():
+    """`deepspeed pretrain/train.py ...` adds --local_rank; the config is still what is checked."""
+    out = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), "--local_rank=0", "--config",
+                          str(TINY_CONFIG), "--set", "optim.lrr=1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--set: optim.lrr: unknown key" in out.stderr

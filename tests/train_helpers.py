@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import fake_imagenet as fake
+
+from cvtkit.dist import launch_local
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
@@ -25,25 +26,12 @@ def make_tiny_shards(root: Path, per_class=16, val_per_class=4, shard_samples=20
     return str(out)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(nproc: int, argv: list[str], script: str = "pretrain/train.py", cwd: Path = REPO,
           env: dict | None = None) -> list[subprocess.Popen]:
     """Start `nproc` ranks of `script` (stdout+stderr of each to a pipe)."""
-    port = free_port()
-    procs = []
-    for rank in range(nproc):
-        e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
-        e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                 PYTHONUNBUFFERED="1", **(env or {}))
-        procs.append(subprocess.Popen([sys.executable, str(REPO / script), *argv], cwd=cwd, env=e,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs
+    return launch_local(nproc, [sys.executable, str(REPO / script), *argv],
+                        {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
+                        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait(procs: list[subprocess.Popen], timeout: float = 300) -> tuple[list[int], str]:

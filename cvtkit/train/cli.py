@@ -30,6 +30,8 @@ def run_training(argv: list[str] | None, description: str,
     0 done, 75 stopped by a signal after saving (requeue), 2 bad input, 1 training failed."""
     parser = argparse.ArgumentParser(description=description)
     add_config_args(parser)
+    # The deepspeed launcher passes --local_rank; the rank comes from the environment (cvtkit.dist).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     if extra_args is not None:
         extra_args(parser)
     args = parser.parse_args(argv)

@@ -100,6 +100,10 @@ class EngineConfig:
         require(self.dist_timeout_s > 0, "dist_timeout_s", "a positive number of seconds",
                 self.dist_timeout_s)
         require(self.max_nonfinite >= 1, "max_nonfinite", ">= 1", self.max_nonfinite)
+        # DeepSpeed 0.19 has no bf16 optimizer without ZeRO ("unsupported mix of model_dtype=bf16
+        # and grad_accum_dtype=fp32"); ZeRO-1 costs nothing extra on one rank.
+        require(not (self.zero_stage == 0 and self.precision == "bf16"), "zero_stage",
+                "1, 2 or 3 with bf16 (DeepSpeed has no bf16 without ZeRO; or precision fp32)", self.zero_stage)
 
 
 @dataclass

@@ -183,8 +183,6 @@ class Trainer:
         if e.precision == "bf16":
             # A non-finite gradient skips the update, as fp16's loss scaler does.
             config["bf16"] = {"enabled": True, "check_grad_overflow": True}
-            if e.zero_stage == 0:
-                config["data_types"] = {"grad_accum_dtype": "fp32"}
         elif e.precision == "fp16":
             config["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000,
                               "hysteresis": 2, "min_loss_scale": 1}
