@@ -118,3 +118,21 @@ def make_colour_classes(root: Path, per_class=16, val_per_class=4, synsets=SYNSE
                 image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
                 image.save(folder / f"{s}_{split}_{i}.JPEG", quality=90)
     return root
+
+
+def damage(shard: Path, how: str) -> None:
+    """truncate: cut the tar in the middle of a member; corrupt_jpeg: garbage for one image."""
+    if how == "truncate":
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 2 + 100])
+        return
+    members = []
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            members.append((m, tar.extractfile(m).read()))
+    with tarfile.open(shard, "w") as tar:
+        for i, (m, data) in enumerate(members):
+            if m.name.endswith(".jpg") and i < 3:
+                data = b"\xff\xd8 this is not a JPEG"
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))

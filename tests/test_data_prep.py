@@ -158,20 +158,25 @@ def test_class_subset(tmp_path):
         run(opts(source=str(src), out=str(tmp_path / "o2"), classes=("n09999999",)), progress=False)
 
 
-def test_kill_and_rerun_gives_identical_output(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_and_rerun_gives_identical_output(tmp_path, workers):
+    import random
     src = fake.make_folder22k(tmp_path / "src", per_class=30)
-    args = ["--source", str(src), "--shard-samples", "2", "--workers", "1", "--quiet"]
+    args = ["--source", str(src), "--shard-samples", "2", "--workers", str(workers), "--quiet"]
     subprocess.run(MAKE_SHARDS + args + ["--out", str(tmp_path / "clean")], check=True)
     out = tmp_path / "killed"
-    for _ in range(2):  # killed twice at different points, then completed
-        proc = subprocess.Popen(MAKE_SHARDS + args + ["--out", str(out)])
+    rng = random.Random(workers)
+    for _ in range(3):  # killed (the whole process group) three times at random points, then completed
+        proc = subprocess.Popen(MAKE_SHARDS + args + ["--out", str(out)], start_new_session=True)
         deadline = time.time() + 120
-        target = len(list((out / MANIFEST_DIR).glob("*.json"))) + 3 if (out / MANIFEST_DIR).exists() else 3
+        done = len(list((out / MANIFEST_DIR).glob("*.json"))) if (out / MANIFEST_DIR).exists() else 0
+        target, extra = done + rng.randint(1, 6), rng.uniform(0, 0.05)
         while time.time() < deadline and proc.poll() is None:
             if (out / MANIFEST_DIR).exists() and len(list((out / MANIFEST_DIR).glob("*.json"))) >= target:
                 break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
+            time.sleep(0.01)
+        time.sleep(extra)  # somewhere inside the next shard
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         assert not (out / INFO_FILE).exists()  # written last
     # A shard renamed but not yet recorded is redone: simulate by dropping one manifest entry.

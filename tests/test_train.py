@@ -15,13 +15,35 @@ from cvtkit.train.config import RunConfig
 from cvtkit.train.schedule import Schedule
 from cvtkit.train.trainer import EXIT_REQUEUE
 
-from train_helpers import (REPO, TINY_CONFIG, make_tiny_shards, metrics, signal_when_step, spawn,
-                           train, train_losses, wait)
+from cvtkit.models.factory import build_model
+from cvtkit.train.checkpoint import consolidated_state_dict
+
+from train_helpers import (REPO, TINY_CONFIG, assert_same_model, dump_loaded, make_tiny_shards, metrics, signal_when_step,
+                           spawn, train, train_losses, wait)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return make_tiny_shards(tmp_path_factory.mktemp("train"))
+
+
+def assert_same_tree(a, b, where: str) -> None:
+    """Nested containers of tensors and values equal to the bit (tensors: same dtype and values)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}/{i}")
+    elif hasattr(a, "__dict__") and not isinstance(a, type):
+        assert type(a) is type(b), where
+        assert_same_tree(vars(a), vars(b), where)
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 # ---------------------------------------------------------------- pieces, in process
@@ -74,7 +96,16 @@ def test_checkpoint_pointer_ignores_partial_and_prunes(tmp_path):
 
 
 def test_bad_input_is_one_line(shards, tmp_path):
+    import json
+    import shutil
+    (tmp_path / "empty").mkdir()
+    partial = tmp_path / "partial"
+    shutil.copytree(shards, partial)
+    lost = sorted(partial.glob("*-train-*.tar"))[1]
+    lost.unlink()
     cases = [(["data.train=/nonexistent"], "data.train: /nonexistent: no such shard folder"),
+             ([f"data.train={tmp_path / 'empty'}"], f"data.train: {tmp_path / 'empty'}: no _info.json"),
+             ([f"data.train={partial}"], f"{lost}: listed in {partial / '_info.json'} but absent"),
              (["model.num_classes=7"], "model.num_classes=7 but"),
              (["checkpoint.resume=require"], "has no complete checkpoint"),
              (["data.batch_size=18", "engine.micro_batch=4"], "data.batch_size=18 is not engine.micro_batch=4"),
@@ -104,6 +135,14 @@ def test_two_ranks_train_under_each_zero_stage(shards, tmp_path, stage):
         assert losses[8] < 0.7 * losses[2], losses
         val = [m for m in metrics(run) if "val/top1" in m][-1]
         assert val["val/top1"] >= 75 and val["val/count"] == 16
+    # round trip: the model loaded back under the same stage is the consolidated file, and not
+    # the initial model
+    saved = consolidated_state_dict(run / "checkpoints" / tag_for(8))
+    loaded = dump_loaded(tmp_path, shards, [f"engine.zero_stage={stage}", "schedule.epochs=2"])
+    assert loaded["step"] == 8
+    assert_same_model(loaded["state"], saved)
+    initial = build_model(load_config(RunConfig, TINY_CONFIG, [f"data.train={shards}"]).model).state_dict()
+    assert not torch.equal(initial["head.weight"], saved["head.weight"])
 
 
 @pytest.mark.slow
@@ -122,7 +161,7 @@ def test_ceit_with_accumulation_and_ema(shards, tmp_path):
 
 @pytest.mark.slow
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
-    common = ["log.every_steps=1", "data.workers=1", "checkpoint.every_steps=0",
+    common = ["log.every_steps=1", "data.workers=1", "checkpoint.every_steps=0", "ema.decay=0.9",
               "data.augment={kind: deit, re_prob: 0.25, mixup_alpha: 0.8, cutmix_alpha: 1.0}"]
     codes, out = train(tmp_path / "a", shards, common)
     assert codes == [0, 0], out
@@ -135,6 +174,13 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
     full, resumed = train_losses(tmp_path / "a/tiny_cpu"), train_losses(tmp_path / "b/tiny_cpu")
     assert sorted(full) == sorted(resumed) == list(range(1, 17))
     assert full == resumed
+    # ... and the final state is the same to the bit: model, optimizer, EMA, RNG, loader, step
+    a, b = (tmp_path / run / "tiny_cpu/checkpoints" / tag_for(16) for run in "ab")
+    files = sorted(p.name for p in a.glob("*.pt"))
+    assert files == sorted(p.name for p in b.glob("*.pt")) and "ema.pt" in files
+    assert any("optim_states" in f for f in files) and "trainer_rank00001.pt" in files
+    for name in files:
+        assert_same_tree(torch.load(a / name, weights_only=False), torch.load(b / name, weights_only=False), name)
 
 
 @pytest.mark.slow
@@ -176,6 +222,12 @@ def test_resume_with_a_contradicting_config_fails(shards, tmp_path):
     codes, out = train(tmp_path, shards, ["data.batch_size=32", "model.drop_path_rate=0.1"], nproc=1)
     assert codes == [2], out
     assert "contradicts the config (global_batch: checkpoint 16, config 32)" in out
+    # the same number of classes, but other synsets: the head's rows would mean other things
+    others = make_tiny_shards(tmp_path / "others", synsets=["n01530575", "n01531178", "n01532829", "n01534433"])
+    codes, out = train(tmp_path, others, [], nproc=1)
+    assert codes == [2], out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "contradicts the config (classes_sha: checkpoint" in errors[0], out
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The webdataset loader with simulated ranks: balance, coverage, determinism, resume."""
 import itertools
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from cvtkit.data.wds_loader import ShardSet, WdsLoader, slot_plan
 from cvtkit.models.factory import EvalConfig
 
 import fake_imagenet as fake
+from fake_imagenet import damage
 
 
 def make_shards(root, shard_samples):
@@ -186,3 +188,31 @@ def test_shards_over_http(shards):
             ShardSet.from_info(url + "/nowhere", "train")
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_damaged_shards_are_skipped_counted_and_batches_stay_full(tmp_path, workers, caplog):
+    folder = Path(make_shards(tmp_path, 7))
+    train_shards = sorted(folder.glob("*-train-*.tar"))
+    damage(train_shards[0], "truncate")   # a shard cut in the middle of a member
+    damage(train_shards[2], "corrupt_jpeg")  # images that do not decode
+    loader = WdsLoader(ShardSet.from_info(str(folder), "train"), 4, 0, 1, workers, with_keys=True)
+    with caplog.at_level(logging.WARNING):
+        batches = keys_of(loader)
+    assert len(batches) == len(loader) == 10 and all(len(b) == 4 for b in batches)
+    assert loader.damaged >= 2
+    if workers == 0:
+        assert "skipping sample" in caplog.text and "skipping unreadable shard data" in caplog.text
+    evaluation = WdsLoader(ShardSet.from_info(str(folder), "train"), 4, train=False, workers=workers, with_keys=True)
+    seen = [k for b in keys_of(evaluation) for k in b]
+    assert len(seen) == len(set(seen)) and 40 - 7 <= len(seen) < 40
+    assert evaluation.damaged >= 2
+
+
+def test_a_slot_with_nothing_readable_is_an_error_not_a_hang(tmp_path):
+    from cvtkit.data.wds_loader import DamagedData
+    folder = Path(make_shards(tmp_path, 7))
+    for shard in folder.glob("*-train-*.tar"):
+        shard.write_bytes(b"not a tar at all" * 10)
+    with pytest.raises(DamagedData, match="no readable sample in"):
+        keys_of(WdsLoader(ShardSet.from_info(str(folder), "train"), 4, 0, 1, 0, with_keys=True))

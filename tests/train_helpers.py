@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import fake_imagenet as fake
+import torch
 
 from cvtkit.dist import launch_local
 
@@ -18,9 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
 
 
-def make_tiny_shards(root: Path, per_class=16, val_per_class=4, shard_samples=20) -> str:
+def make_tiny_shards(root: Path, per_class=16, val_per_class=4, shard_samples=20,
+                     synsets=fake.SYNSETS) -> str:
     from cvtkit.data.prep import PrepOptions, run
-    src = fake.make_colour_classes(root / "src", per_class=per_class, val_per_class=val_per_class)
+    src = fake.make_colour_classes(root / "src", per_class=per_class, val_per_class=val_per_class,
+                                   synsets=synsets)
     out = root / "shards"
     run(PrepOptions(source=str(src), out=str(out), shard_samples=shard_samples, workers=1), progress=False)
     return str(out)
@@ -52,11 +55,27 @@ def wait(procs: list[subprocess.Popen], timeout: float = 300) -> tuple[list[int]
     return codes, text
 
 
-def train(run_root: Path, shards: str, overrides: list[str] = (), nproc: int = 2,
-          config: Path = TINY_CONFIG, timeout: float = 300) -> tuple[list[int], str]:
-    argv = ["--config", str(config), "--set", f"data.train={shards}", f"data.val={shards}",
+def train_argv(run_root: Path, shards: str, overrides: list[str] = (), config: Path = TINY_CONFIG) -> list[str]:
+    return ["--config", str(config), "--set", f"data.train={shards}", f"data.val={shards}",
             f"out_dir={run_root}", *overrides]
-    return wait(spawn(nproc, argv), timeout)
+
+
+def train(run_root: Path, shards: str, overrides: list[str] = (), nproc: int = 2,
+          config: Path = TINY_CONFIG, timeout: float = 300, script: str = "pretrain/train.py",
+          env: dict | None = None) -> tuple[list[int], str]:
+    return wait(spawn(nproc, train_argv(run_root, shards, overrides, config), script=script, env=env), timeout)
+
+
+def dump_loaded(run_root: Path, shards: str, overrides: list[str] = (), nproc: int = 2) -> dict:
+    """The live model state of a run built as training would build it, resuming from
+    its run folder, without training a step (tests/fault_train.py)."""
+    out = Path(run_root) / f"loaded-{time.monotonic_ns()}.pt"
+    codes, text = train(run_root, shards, overrides, nproc, script="tests/fault_train.py",
+                        env={"CVTKIT_DUMP_LOADED": str(out)})
+    assert codes == [0] * nproc, text
+    dump = torch.load(out, weights_only=True)
+    out.unlink()
+    return dump
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -81,3 +100,11 @@ def signal_when_step(procs: list[subprocess.Popen], run_dir: Path, step: int, si
             return
         time.sleep(0.2)
     raise TimeoutError(f"{run_dir}: step {step} not reached in {timeout} s")
+
+
+def assert_same_model(live: dict, saved: dict) -> None:
+    """The live model equals the consolidated fp32 state rounded to the live dtypes (bf16
+    parameters; BatchNorm statistics stay fp32)."""
+    assert live.keys() == saved.keys()
+    for name, value in saved.items():
+        assert torch.equal(live[name], value.to(live[name].dtype)), name

@@ -11,6 +11,10 @@ another. Each slot shuffles raw samples in a buffer seeded by (seed, epoch, slot
 Resume: the position is the number of batches delivered in the epoch; a restarted worker skips its
 share of raw samples without decoding them, so the continued epoch equals an uninterrupted one.
 Evaluation: no shuffle, no cycling: every sample exactly once across all ranks.
+Damage: a sample that does not decode, or a shard that cannot be read (truncated, corrupt), is
+skipped with a warning and counted (`WdsLoader.damaged`); training draws the next sample instead,
+so every rank still delivers its batches. Resume stays exact on undamaged data; after a skip the
+resumed epoch can be off by the samples skipped before the stop.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import io
 import itertools
 import json
 import logging
+import multiprocessing
 import random
 import zlib
 from dataclasses import dataclass
@@ -102,20 +107,48 @@ def _decode(sample: dict, min_side: int = 0) -> tuple[Image.Image, int, str]:
     return img.convert("RGB"), int(sample["cls"]), sample["__key__"]
 
 
+class DamagedData(RuntimeError):
+    """Every sample a slot could read is damaged: nothing to train on."""
+
+
 class _SlotStream(IterableDataset):
     def __init__(self, shards: ShardSet, rank: int, world_size: int, batch_size: int, seed: int,
                  epoch: int, transform: Callable | None, train: bool, shuffle_buffer: int,
-                 skip_batches: int, with_keys: bool, decode_min_side: int):
+                 skip_batches: int, with_keys: bool, decode_min_side: int, damaged):
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self.transform, self.train, self.shuffle_buffer = transform, train, shuffle_buffer
         self.skip_batches, self.with_keys = skip_batches, with_keys
         self.decode_min_side = decode_min_side
+        self.damaged = damaged  # a multiprocessing.Value shared with the workers
+
+    def _count_damage(self, what: str, error: BaseException) -> None:
+        with self.damaged.get_lock():
+            self.damaged.value += 1
+        log.warning("skipping %s: %s: %s (%d damaged so far on rank %d)", what, type(error).__name__,
+                    error, self.damaged.value, self.rank)
+
+    def _shard_error(self, error: BaseException) -> bool:
+        """webdataset's handler: a shard that cannot be read (or read to its end) is skipped."""
+        self._count_damage("unreadable shard data", error)
+        return True
 
     def _raw(self, shard_ids: list[int], stride: int, phase: int) -> Iterator[dict]:
         urls = [{"url": self.shards.urls[i]} for i in shard_ids]
-        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(urls)
+        samples = wds.tarfile_to_samples(handler=self._shard_error)(urls)
         return (s for i, s in enumerate(samples) if i % stride == phase)
+
+    def _cycled(self, shard_ids: list[int], stride: int, phase: int, rng: random.Random) -> Iterator[dict]:
+        """Shuffled passes over the slot's data, one after another (a pass never borrows from the
+        next, so nothing repeats before all was seen)."""
+        shuffle = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
+        while True:
+            count = 0
+            for sample in shuffle(self._raw(shard_ids, stride, phase)):
+                count += 1
+                yield sample
+            if count == 0:
+                raise DamagedData(f"no readable sample in {', '.join(self.shards.urls[i] for i in shard_ids)}")
 
     def __iter__(self):
         info = get_worker_info()
@@ -132,21 +165,31 @@ class _SlotStream(IterableDataset):
         ids = [order[i] for i in ids]
         if not self.train:
             stream: Iterator[dict] = self._raw(ids, stride, phase)
+            first, quota = 0, None
         else:
             per_rank = self.shards.num_samples // (self.world_size * self.batch_size)
             my_batches = per_rank // workers + (worker < per_rank % workers)
-            # Shuffle raw bytes within each pass over the slot's data (a pass never borrows from
-            # the next, so nothing repeats before all was seen), cycling so that a short slot
-            # still fills its quota.
-            rng = random.Random(f"{self.seed}:{self.epoch}:{slot}")
-            shuffle = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
-            shuffled = itertools.chain.from_iterable(
-                shuffle(self._raw(ids, stride, phase)) for _ in itertools.count())
+            # Shuffle raw bytes within each pass, cycling so that a short slot still fills its quota.
+            shuffled = self._cycled(ids, stride, phase, random.Random(f"{self.seed}:{self.epoch}:{slot}"))
             done = self.skip_batches // workers + (worker < self.skip_batches % workers)
-            stream = itertools.islice(shuffled, done * self.batch_size, my_batches * self.batch_size)
-        first = done * self.batch_size if self.train else 0
+            first, quota = done * self.batch_size, (my_batches - done) * self.batch_size
+            stream = itertools.islice(shuffled, first, None)
+        slot_samples = sum(self.shards.lengths[i] for i in ids) // stride + 1
+        delivered = bad_in_a_row = 0
+        if quota is not None and quota <= 0:
+            return
         for index, sample in enumerate(stream, start=first):
-            img, label, key = _decode(sample, self.decode_min_side)
+            try:
+                img, label, key = _decode(sample, self.decode_min_side)
+            except Exception as e:  # noqa: BLE001 - PIL raises many kinds for damaged bytes
+                self._count_damage(f"sample {sample.get('__key__')} of {sample.get('__url__')}", e)
+                bad_in_a_row += 1
+                if bad_in_a_row > slot_samples:
+                    raise DamagedData(f"every sample of {', '.join(self.shards.urls[i] for i in ids)} "
+                                      f"is damaged") from e
+                continue
+            bad_in_a_row = 0
+            delivered += 1
             if self.transform is not None and self.train:
                 # Without workers this runs in the trainer's process: keep its RNG untouched.
                 saved = _rng_states() if info is None else None
@@ -157,6 +200,8 @@ class _SlotStream(IterableDataset):
             elif self.transform is not None:
                 img = self.transform(img)
             yield (img, label, key) if self.with_keys else (img, label)
+            if quota is not None and delivered >= quota:
+                break
 
 
 def _seed_sample(name: str) -> None:
@@ -216,6 +261,12 @@ class WdsLoader:
         self.shuffle_buffer, self.with_keys = shuffle_buffer, with_keys
         self.decode_min_side = decode_min_side
         self.epoch, self.batches_done = 0, 0
+        self._damaged = multiprocessing.Value("q", 0)
+
+    @property
+    def damaged(self) -> int:
+        """Damaged samples and shard read errors skipped so far by this rank (all workers)."""
+        return self._damaged.value
 
     def __len__(self) -> int:
         if self.train:
@@ -242,7 +293,7 @@ class WdsLoader:
         dataset = _SlotStream(self.shards, self.rank, self.world_size, self.batch_size, self.seed,
                               self.epoch, self.transform, self.train, self.shuffle_buffer,
                               self.batches_done if self.train else 0, self.with_keys,
-                              self.decode_min_side)
+                              self.decode_min_side, self._damaged)
         # Its own generator: creating the loader must not draw from the trainer's global RNG,
         # or a resumed run's dropout and mixup would differ from an uninterrupted one.
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,

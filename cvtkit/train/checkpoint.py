@@ -37,6 +37,32 @@ class ResumeError(RuntimeError):
     """A resume that cannot be done as asked; the message is one line."""
 
 
+# What DeepSpeed itself pickles into its checkpoint files besides tensors and plain containers
+# (seen in ZeRO 0-3 with bf16, fp16 and fp32).
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+def refuse_unsafe_pickles(folder: Path) -> None:
+    """DeepSpeed unpickles its checkpoint files with `weights_only=False`, which would run any code
+    a planted file carries. Before anything loads them, every `.pt` file of `folder` is scanned
+    (statically: nothing runs) and refused if it references any callable or class beyond tensors,
+    plain containers and DeepSpeed's own few state classes."""
+    for path in sorted(Path(folder).glob("*.pt")):
+        try:
+            found = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception as e:  # noqa: BLE001 - not a torch.save file at all
+            raise ResumeError(f"{path}: refused: not a torch checkpoint file ({e})") from None
+        unexpected = sorted(found - DEEPSPEED_GLOBALS)
+        if unexpected:
+            raise ResumeError(f"{path}: refused: it pickles {', '.join(unexpected)}, which a checkpoint "
+                              f"holds only if someone planted it; nothing was loaded")
+
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
@@ -116,6 +142,9 @@ class Checkpointer:
                 write_text_atomic(folder / "meta.json", json.dumps(meta, indent=1))
         except OSError as e:
             failure = f"{e.strerror or e} ({getattr(e, 'filename', None) or folder})"
+        except RuntimeError as e:  # torch.save to a path reports a full disk as a RuntimeError
+            free = shutil.disk_usage(self.ckpt_dir).free / 2**20
+            failure = f"{str(e).splitlines()[0]} ({folder}; {free:.1f} MiB free there)"
         if any_rank(bool(failure)):
             if self.rank == 0:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -143,21 +172,41 @@ class Checkpointer:
         its own trainer state, the others rank 0's (their RNG and loader position then differ
         from an uninterrupted run; the loader logs that its position is approximate)."""
         folder = self.ckpt_dir / tag
+        refuse_unsafe_pickles(folder)
         load_tag = tag + "_universal" if universal else tag
         path, client = engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag, load_module_strict=True,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise ResumeError(f"{self.ckpt_dir / load_tag}: DeepSpeed could not load this checkpoint")
+        if universal:
+            self._restore_buffers(engine.module, folder)
         own = folder / f"trainer_rank{self.rank:05d}.pt"
         state_file = own if own.is_file() else folder / "trainer_rank00000.pt"
-        rank_state = torch.load(state_file, map_location="cpu", weights_only=False)
+        rank_state = torch.load(state_file, map_location="cpu", weights_only=True)
         ema_file = folder / "ema.pt"
         ema = torch.load(ema_file, map_location="cpu", weights_only=True) if ema_file.is_file() else None
         return rank_state, ema
 
+    @staticmethod
+    def _restore_buffers(module, folder: Path) -> None:
+        """DeepSpeed's universal loading restores the parameters only (from `zero/`); without this
+        the BatchNorm statistics would silently restart from their initial values. They come
+        from the module state DeepSpeed saved with the original checkpoint."""
+        states = next(folder / n for n in _MODEL_STATES if (folder / n).is_file())
+        saved = torch.load(states, map_location="cpu", weights_only=True)["module"]
+        persistent = module.state_dict().keys()
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                if name not in persistent:
+                    continue
+                if name not in saved:
+                    raise ResumeError(f"{states}: has no {name}; cannot restore the model's buffers")
+                buffer.copy_(saved[name])
+
     def make_universal(self, tag: str) -> None:
         """Convert `tag` with DeepSpeed's own ds_to_universal (rank 0), for a new world size."""
         target = self.ckpt_dir / f"{tag}_universal"
+        refuse_unsafe_pickles(self.ckpt_dir / tag)
         if self.rank == 0 and not (target / COMPLETE).is_file():
             shutil.rmtree(target, ignore_errors=True)
             log.warning("checkpoint %s was written by another number of ranks: converting it with "
@@ -232,11 +281,12 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     ZeRO 1-3: DeepSpeed's own `zero_to_fp32` gathers the fp32 master weights from every rank's
     optimizer shard (and the buffers from the model states). ZeRO 0 has no shards: the module
     state is whole in `mp_rank_00_model_states.pt`. Both unpickle DeepSpeed's files with
-    `weights_only=False`: read checkpoints you trust."""
+    `weights_only=False`, after `refuse_unsafe_pickles` has scanned them."""
     import contextlib
     import io
 
     tag_dir = Path(tag_dir)
+    refuse_unsafe_pickles(tag_dir)
     if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

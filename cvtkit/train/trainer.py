@@ -87,7 +87,11 @@ def _free_port() -> int:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG of this process, as tensors and plain values only, so that it loads with
+    `torch.load(weights_only=True)` (no pickled objects in a checkpoint of ours)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -95,7 +99,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -301,13 +306,14 @@ class Trainer:
         while True:
             yield from self.loader
 
-    def _agree(self, loss_sum: float, nonfinite: bool, stop: bool) -> tuple[float, bool, bool]:
-        """One all-reduce per step: the mean loss, and whether any rank saw a non-finite loss or a
-        stop signal."""
-        t = torch.tensor([loss_sum, float(nonfinite), float(stop)], dtype=torch.float64,
+    def _agree(self, loss_sum: float, nonfinite: bool, stop: bool) -> tuple[float, bool, bool, int]:
+        """One all-reduce per step: the mean loss, whether any rank saw a non-finite loss or a
+        stop signal, and the damaged samples skipped by all ranks' loaders so far."""
+        damaged = getattr(self.loader, "damaged", 0)
+        t = torch.tensor([loss_sum, float(nonfinite), float(stop), float(damaged)], dtype=torch.float64,
                          device=self.device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t)
-        return t[0].item() / self.world, t[1].item() > 0, t[2].item() > 0
+        return t[0].item() / self.world, t[1].item() > 0, t[2].item() > 0, int(t[3].item())
 
     def _save(self) -> None:
         tensors = itertools.chain(self.engine.module.named_parameters(), self.engine.module.named_buffers())
@@ -336,6 +342,7 @@ class Trainer:
     def _fit(self, signals: StopSignals) -> int:
         cfg, total = self.cfg, self.schedule.total_steps
         self.last_saved = self.step
+        self.damaged = 0
         if self.step >= total:
             self._info(f"already complete ({self.step}/{total} steps)")
             return 0
@@ -367,7 +374,11 @@ class Trainer:
             self.step += 1
             if self.ema is not None and self.step % cfg.ema.every_steps == 0:
                 self.ema.update(self.engine.module)
-            mean_loss, any_bad, stop = self._agree(loss_sum, bad, signals.received is not None)
+            mean_loss, any_bad, stop, damaged = self._agree(loss_sum, bad, signals.received is not None)
+            if damaged > self.damaged:
+                self._info(f"step {self.step}: the loaders skipped {damaged - self.damaged} damaged "
+                           f"samples or shards ({damaged} in all); training goes on")
+                self.damaged = damaged
             stop |= self.step == cfg.checkpoint.stop_at_step
             meter.add(cfg.data.batch_size, wait)
             nonfinite_run = nonfinite_run + 1 if any_bad else 0
@@ -412,7 +423,8 @@ class Trainer:
         values = {"train/loss": loss, "train/lr": lr, "train/nonfinite": float(nonfinite),
                   "perf/images_per_s": speed["images_per_s"], "perf/images_per_s_per_gpu": per_gpu,
                   "perf/step_s": speed["step_s"], "perf/data_wait_fraction": speed["data_wait_fraction"],
-                  "mem/peak_gib": peak_memory_gib(self.device), "train/epoch": self.step / self.steps_per_epoch}
+                  "mem/peak_gib": peak_memory_gib(self.device), "train/epoch": self.step / self.steps_per_epoch,
+                  "data/damaged": float(self.damaged)}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             values["train/grad_norm"] = float(grad_norm)

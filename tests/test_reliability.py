@@ -1,0 +1,213 @@
+"""Faults injected into real training runs (DeepSpeed over gloo, two CPU processes, tiny CvT):
+kills during a save and during training, a full disk, damaged shards, bf16 clipping, ZeRO
+round trips, untrusted files. Each test names the guarantee of the README it proves."""
+import os
+import pickle
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvtkit.config import ConfigError, load_config
+from cvtkit.models.factory import build_model
+from cvtkit.train.checkpoint import COMPLETE, complete_tags, consolidated_state_dict, latest_complete, tag_for
+from cvtkit.train.config import RunConfig
+from cvtkit.train.trainer import EXIT_REQUEUE
+
+from fake_imagenet import damage
+from train_helpers import (TINY_CONFIG, assert_same_model, dump_loaded, make_tiny_shards, metrics, spawn,
+                           train, train_argv, train_losses, wait)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_tiny_shards(tmp_path_factory.mktemp("reliability"))
+
+
+def wait_for_step(run: Path, step: int, procs, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not any(m.get("step", 0) >= step for m in metrics(run)):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), f"step {step} not reached"
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------- kills
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank,name", [(1, "optim_states"), (0, COMPLETE)])
+def test_kill_during_save_keeps_the_previous_checkpoint(shards, tmp_path, rank, name):
+    """kill -9 of one rank in the middle of the step-4 save (DeepSpeed writing the optimizer
+    shards, or just before COMPLETE): the other rank ends, `latest` still names step 2, keep=1 did
+    not delete it, and the rerun resumes from it and completes."""
+    overrides = ["checkpoint.every_steps=2", "checkpoint.keep=1", "schedule.epochs=2",
+                 "engine.dist_timeout_s=30", "log.every_steps=1"]
+    started = time.time()
+    codes, out = train(tmp_path, shards, overrides, script="tests/fault_train.py",
+                       env={"CVTKIT_KILL_AT_SAVE": f"4:{rank}:{name}"})
+    assert time.time() - started < 150, "the surviving rank hung"
+    assert codes[rank] == -signal.SIGKILL and codes[1 - rank] not in (0, EXIT_REQUEUE), out
+    ckpt = tmp_path / "tiny_cpu/checkpoints"
+    assert (ckpt / "latest").read_text().strip() == tag_for(2)
+    assert complete_tags(ckpt) == [tag_for(2)] and latest_complete(ckpt) == tag_for(2)
+    assert (ckpt / tag_for(4)).is_dir() and not (ckpt / tag_for(4) / COMPLETE).exists()  # the partial one
+
+    codes, out = train(tmp_path, shards, overrides)
+    assert codes == [0, 0], out
+    assert f"resumed from {ckpt / tag_for(2)} at step 2" in out and "finished 8 steps" in out
+    assert complete_tags(ckpt) == [tag_for(8)] and not (ckpt / tag_for(4)).exists()
+    assert sorted(train_losses(tmp_path / "tiny_cpu")) == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_others_and_the_job_resumes(shards, tmp_path):
+    """A rank dies mid-training (kill -9): the survivor exits within the collective timeout
+    instead of hanging, and the restarted job resumes from the last complete checkpoint."""
+    run = tmp_path / "tiny_cpu"
+    overrides = ["checkpoint.every_steps=2", "schedule.epochs=50", "engine.dist_timeout_s=20", "log.every_steps=1"]
+    procs = spawn(2, train_argv(tmp_path, shards, overrides))
+    wait_for_step(run, 5, procs)
+    procs[1].kill()
+    killed = time.time()
+    codes, out = wait(procs, timeout=120)
+    assert time.time() - killed < 60, "the surviving rank did not end in time"
+    assert codes[1] == -signal.SIGKILL and codes[0] not in (0, EXIT_REQUEUE), out
+    saved = int(latest_complete(run / "checkpoints").removeprefix("step"))
+    assert saved >= 4
+
+    codes, out = train(tmp_path, shards, overrides + [f"checkpoint.stop_at_step={saved + 2}"])
+    assert codes == [EXIT_REQUEUE] * 2, out
+    assert f"at step {saved}" in out and latest_complete(run / "checkpoints") == tag_for(saved + 2)
+
+
+# ---------------------------------------------------------------- disk full
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs: a real file system that fills up (needs root, as CI runs)."""
+    if os.geteuid() != 0:
+        pytest.fail("mounting a small tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(shards, small_disk):
+    ckpt = small_disk / "tiny_cpu/checkpoints"
+    codes, out = train(small_disk, shards, ["checkpoint.stop_at_step=4"])
+    assert codes == [EXIT_REQUEUE] * 2, out
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # leave 256 KiB: room for the logs, not for a checkpoint
+        f.write(b"\0" * (free - 256 * 1024))
+    codes, out = train(small_disk, shards, [])
+    assert codes == [1, 1], out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    assert f"saving checkpoint {ckpt / tag_for(8)} failed" in errors[0]
+    assert f"the previous checkpoint ({tag_for(4)}) is intact" in errors[0]
+    assert complete_tags(ckpt) == [tag_for(4)] and not (ckpt / tag_for(8)).exists()
+
+    filler.unlink()
+    codes, out = train(small_disk, shards, [])
+    assert codes == [0, 0], out
+    assert "at step 4" in out and "finished 16 steps" in out
+
+
+# ---------------------------------------------------------------- ZeRO round trips, elastic resume
+
+@pytest.mark.slow
+def test_one_rank_checkpoint_resumes_on_two_ranks_with_the_same_model(shards, tmp_path):
+    codes, out = train(tmp_path, shards, ["checkpoint.stop_at_step=4"], nproc=1)
+    assert codes == [EXIT_REQUEUE], out
+    ckpt = tmp_path / "tiny_cpu/checkpoints"
+    saved = consolidated_state_dict(ckpt / tag_for(4))
+    loaded = dump_loaded(tmp_path, shards, nproc=2)  # converted by ds_to_universal, resharded
+    assert loaded["step"] == 4
+    assert_same_model(loaded["state"], saved)
+    codes, out = train(tmp_path, shards, [])
+    assert codes == [0, 0], out
+    assert "micro batch 8 x accumulation 1 x 2 ranks" in out and "approximate" in out
+    assert "at step 4" in out and "finished 16 steps" in out
+
+
+# ---------------------------------------------------------------- numerics
+
+@pytest.mark.slow
+def test_gradient_clipping_clips_in_bf16(shards, tmp_path):
+    """SGD without momentum at lr 1: each update is the clipped gradient, so the fp32 master
+    weights move by exactly `grad_clip` in norm while the logged (pre-clip) norm is far larger."""
+    clip = 0.05
+    codes, out = train(tmp_path, shards, [
+        "optim={name: sgd, lr: 1.0, momentum: 0.0, weight_decay: 0.0, grad_clip: 0.05}",
+        "schedule={kind: constant, epochs: null, steps: 3, warmup_steps: 0}", "checkpoint.every_steps=1",
+        "checkpoint.keep=3", "log.every_steps=1"])
+    assert codes == [0, 0], out
+    run = tmp_path / "tiny_cpu"
+    cfg = load_config(RunConfig, TINY_CONFIG, [f"data.train={tmp_path}"])
+    params = {name for name, _ in build_model(cfg.model).named_parameters()}
+    before, after = (consolidated_state_dict(run / "checkpoints" / tag_for(s)) for s in (2, 3))
+    moved = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in params)).item()
+    pre_clip = next(m["train/grad_norm"] for m in metrics(run) if m.get("step") == 3)
+    assert pre_clip > 10 * clip
+    assert moved == pytest.approx(clip, rel=0.02)
+
+
+# ---------------------------------------------------------------- damaged data
+
+@pytest.mark.slow
+def test_training_goes_on_over_damaged_shards(tmp_path):
+    shards = Path(make_tiny_shards(tmp_path / "data"))
+    train_shards = sorted(shards.glob("*-train-*.tar"))
+    damage(train_shards[0], "truncate")
+    damage(train_shards[1], "corrupt_jpeg")
+    codes, out = train(tmp_path, str(shards), ["schedule.epochs=2", "log.every_steps=1"], nproc=1)
+    assert codes == [0], out
+    assert "damaged samples or shards" in out and "finished 8 steps" in out
+    damaged = [m["data/damaged"] for m in metrics(tmp_path / "tiny_cpu") if "data/damaged" in m]
+    assert damaged[-1] >= 2
+
+
+# ---------------------------------------------------------------- untrusted input
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_yaml_config_cannot_run_code(tmp_path):
+    marker = tmp_path / "ran"
+    config = tmp_path / "evil.yaml"
+    config.write_text(TINY_CONFIG.read_text() + f"extra: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(RunConfig, config)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_pickle_in_a_checkpoint_is_refused_not_run(shards, tmp_path):
+    codes, out = train(tmp_path, shards, ["checkpoint.stop_at_step=4"], nproc=1)
+    assert codes == [EXIT_REQUEUE], out
+    marker = tmp_path / "ran"
+    folder = tmp_path / "tiny_cpu/checkpoints" / tag_for(4)
+    # a torch.save file whose pickle calls a function, and a plain pickle
+    for victim, write in (("mp_rank_00_model_states.pt", torch.save), ("trainer_rank00000.pt", pickle.dump)):
+        original = (folder / victim).read_bytes()
+        with open(folder / victim, "wb") as f:
+            write({"step": _RunsCode(marker)}, f)
+        codes, out = train(tmp_path, shards, [], nproc=1)
+        assert codes == [2], out
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"{folder / victim}: refused" in errors[0], out
+        assert not marker.exists()
+        (folder / victim).write_bytes(original)
