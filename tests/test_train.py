@@ -205,10 +205,13 @@ def test_sigusr1_saves_at_a_step_boundary_and_exits_for_requeue(shards, tmp_path
 def test_two_rank_checkpoint_resumes_on_one_rank(shards, tmp_path):
     codes, out = train(tmp_path, shards, ["checkpoint.stop_at_step=4"])
     assert codes == [EXIT_REQUEUE] * 2, out
+    ckpt = tmp_path / "tiny_cpu/checkpoints"
+    loaded = dump_loaded(tmp_path, shards, nproc=1)  # the model after resharding is the saved one
+    assert loaded["step"] == 4 and (ckpt / (tag_for(4) + "_universal") / COMPLETE).is_file()
+    assert_same_model(loaded["state"], consolidated_state_dict(ckpt / tag_for(4)))
     codes, out = train(tmp_path, shards, [], nproc=1)
     assert codes == [0], out
-    assert "micro batch 16 x accumulation 1 x 1 ranks" in out
-    assert "ds_to_universal" in out and "approximate" in out
+    assert "micro batch 16 x accumulation 1 x 1 ranks" in out and "approximate" in out
     assert "at step 4" in out and "finished 16 steps" in out
     # the conversion is pruned with its checkpoint once newer ones are complete
     assert complete_tags(tmp_path / "tiny_cpu/checkpoints") == [tag_for(12), tag_for(16)]
