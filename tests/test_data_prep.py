@@ -158,14 +158,14 @@ def test_class_subset(tmp_path):
         run(opts(source=str(src), out=str(tmp_path / "o2"), classes=("n09999999",)), progress=False)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_kill_and_rerun_gives_identical_output(tmp_path, workers):
+def test_kill_and_rerun_gives_identical_output(tmp_path):
     import random
     src = fake.make_folder22k(tmp_path / "src", per_class=30)
-    args = ["--source", str(src), "--shard-samples", "2", "--workers", str(workers), "--quiet"]
-    subprocess.run(MAKE_SHARDS + args + ["--out", str(tmp_path / "clean")], check=True)
+    args = ["--source", str(src), "--shard-samples", "2", "--quiet"]
+    subprocess.run(MAKE_SHARDS + args + ["--workers", "1", "--out", str(tmp_path / "clean")], check=True)
+    args += ["--workers", "2"]  # the output does not depend on the workers either
     out = tmp_path / "killed"
-    rng = random.Random(workers)
+    rng = random.Random(0)
     for _ in range(3):  # killed (the whole process group) three times at random points, then completed
         proc = subprocess.Popen(MAKE_SHARDS + args + ["--out", str(out)], start_new_session=True)
         deadline = time.time() + 120
