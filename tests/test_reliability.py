@@ -211,3 +211,21 @@ def test_a_pickle_in_a_checkpoint_is_refused_not_run(shards, tmp_path):
         assert len(errors) == 1 and f"{folder / victim}: refused" in errors[0], out
         assert not marker.exists()
         (folder / victim).write_bytes(original)
+
+
+def test_rng_state_loads_without_pickled_objects(tmp_path):
+    """The trainer's RNG state survives torch.save -> torch.load(weights_only=True), and a state
+    written before the numpy keys became a tensor still restores."""
+    import random
+
+    import numpy as np
+
+    from cvtkit.train.trainer import rng_state, set_rng_state
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+    older = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    expected = np.random.rand(4)
+    set_rng_state(older)
+    assert (np.random.rand(4) == expected).all()
