@@ -25,7 +25,7 @@ $(SETUP_STAMP): pyproject.toml
 	@touch $@
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=20
 
 # The whole pipeline on scikit-learn's bundled digits, on CPU: shards -> DeepSpeed pretraining
 # (2 processes, stopped halfway and resumed) -> fine-tuning at a higher resolution -> evaluation.
