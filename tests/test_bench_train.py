@@ -91,7 +91,6 @@ def test_failed_config_is_a_row_and_the_run_goes_on(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not bench.deepspeed_available(), reason="DeepSpeed is not installed")
 def test_zero2_row_runs_and_cleans_up(capsys):
     env_before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     rows = bench.main(["--configs", "cvt_13@32:b4:zero2", *TINY])
