@@ -3,7 +3,6 @@ and node2 are network namespaces with their own address, hostname and slurmd, on
 pretraining run with its ranks on both hosts that stops, requeues and resumes; a run that loses
 its second node and comes back; the shard array spread over both nodes."""
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import fake_imagenet as fake
 from cvtkit.data.prep import INFO_FILE
 from cvtkit.train.checkpoint import complete_tags, tag_for
 
-from train_helpers import REPO, TINY_CONFIG, make_tiny_shards, metrics
+from train_helpers import REPO, TINY_CONFIG, job_env, job_field, make_tiny_shards, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +29,9 @@ def shards(tmp_path_factory):
     return make_tiny_shards(tmp_path_factory.mktemp("multinode"))
 
 
-def job_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+def node_env() -> dict:
     # gloo between the nodes over the namespaces' interface, as env.sh names it on a real cluster
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="cvtk0")
-    return env
-
-
-def job_field(job_id: str, field: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
-    return next((w.split("=", 1)[1] for w in out.split() if w.startswith(f"{field}=")), "GONE")
+    return job_env(GLOO_SOCKET_IFNAME="cvtk0")
 
 
 def wait_for(what: str, ready, timeout: float, log: Path, every: float = 1.0) -> float:
@@ -58,7 +50,7 @@ def pretrain(tmp_path: Path, shards: str, *overrides: str) -> str:
         ["sbatch", "--parsable", *TWO_NODE_JOB, f"--output={tmp_path}/job.log", "slurm/pretrain_w24.sh",
          "--config", str(TINY_CONFIG), "--set", f"data.train={shards}", f"data.val={shards}",
          f"out_dir={tmp_path}/runs", "log.every_steps=1", *overrides],
-        cwd=REPO, capture_output=True, text=True, env=job_env())
+        cwd=REPO, capture_output=True, text=True, env=node_env())
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -145,7 +137,7 @@ def test_make_shards_array_across_both_nodes(tmp_path, slurm_two_nodes):
     proc = subprocess.run(["sbatch", "--wait", "--array=0-3", "--cpus-per-task=1", "--mem=1G",
                            f"--output={tmp_path}/task-%a-%N.log", "slurm/make_shards.sh", *common,
                            "--out", str(tmp_path / "array")],
-                          cwd=REPO, capture_output=True, text=True, timeout=240, env=job_env())
+                          cwd=REPO, capture_output=True, text=True, timeout=240, env=node_env())
     logs = sorted(tmp_path.glob("task-*.log"))
     assert proc.returncode == 0, proc.stderr + "".join(p.read_text() for p in logs)
     assert len(logs) == 4 and {p.stem.split("-")[2] for p in logs} == {"node1", "node2"}

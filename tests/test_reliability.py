@@ -175,6 +175,19 @@ def test_training_goes_on_over_damaged_shards(tmp_path):
     assert damaged[-1] >= 2
 
 
+@pytest.mark.slow
+def test_nothing_readable_is_a_one_line_error(tmp_path):
+    """Every training shard unreadable: one line naming them (through a loader worker, whose
+    traceback DataLoader folds into the message), not a traceback and not a hang."""
+    shards = Path(make_tiny_shards(tmp_path / "data"))
+    for shard in shards.glob("*-train-*.tar"):
+        shard.write_bytes(b"not a tar at all" * 10)
+    codes, out = train(tmp_path, str(shards), ["data.workers=1"], nproc=1)
+    assert codes == [1], out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no readable sample in {shards}/"), out
+
+
 # ---------------------------------------------------------------- untrusted input
 
 class _RunsCode:

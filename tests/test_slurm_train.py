@@ -1,7 +1,6 @@
 """The real job scripts on a real (single-node) Slurm: sbatch slurm/pretrain_w24.sh with a tiny
 override, preemption -> save -> requeue -> resume, and the submitit path."""
 import json
-import os
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import pytest
 
 from cvtkit.train.checkpoint import complete_tags, tag_for
 
-from train_helpers import REPO, TINY_CONFIG, make_tiny_shards, metrics
+from train_helpers import REPO, TINY_CONFIG, job_env, job_field, make_tiny_shards, metrics
 
 # Two CPU tasks on one node instead of 4 nodes x 8 GPUs; everything else is the script's own.
 SMALL_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=4G"]
@@ -19,17 +18,6 @@ SMALL_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-pe
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return make_tiny_shards(tmp_path_factory.mktemp("slurm_train"))
-
-
-def job_env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    return env
-
-
-def job_state(job_id: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
-    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "GONE")
 
 
 @pytest.mark.slow
@@ -69,16 +57,16 @@ def test_preempted_job_saves_requeues_and_resumes(shards, tmp_path, slurm_cluste
         cwd=REPO, capture_output=True, text=True, check=True, env=job_env()).stdout.strip().split(";")[0]
     deadline = time.time() + 300
     while not any(m.get("step", 0) >= 3 for m in metrics(run)):
-        assert time.time() < deadline and job_state(job_id) in ("PENDING", "RUNNING"), \
+        assert time.time() < deadline and job_field(job_id, "JobState") in ("PENDING", "RUNNING"), \
             (tmp_path / "job.log").read_text()
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
     deadline = time.time() + 600  # Slurm holds a requeued job about 2 minutes before it restarts
-    while job_state(job_id) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
+    while job_field(job_id, "JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
         assert time.time() < deadline, "the requeued job did not finish"
         time.sleep(2)
     log = (tmp_path / "job.log").read_text()
-    assert job_state(job_id) == "COMPLETED", log
+    assert job_field(job_id, "JobState") == "COMPLETED", log
     assert "stopped by signal" in log and "requeueing job" in log and "(restart 1)" in log
     starts = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]
     assert [s["slurm_restart_count"] for s in starts] == [None, "1"]

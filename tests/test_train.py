@@ -1,10 +1,8 @@
 """The training engine for real: DeepSpeed ZeRO 1-3 over two gloo processes on CPU, tiny CvT/CeiT,
 tiny learnable shards; exact resume, signals, elastic resume, loud failures."""
 import math
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -96,7 +94,6 @@ def test_checkpoint_pointer_ignores_partial_and_prunes(tmp_path):
 
 
 def test_bad_input_is_one_line(shards, tmp_path):
-    import json
     import shutil
     (tmp_path / "empty").mkdir()
     partial = tmp_path / "partial"

@@ -108,3 +108,16 @@ def assert_same_model(live: dict, saved: dict) -> None:
     assert live.keys() == saved.keys()
     for name, value in saved.items():
         assert torch.equal(live[name], value.to(live[name].dtype)), name
+
+
+def job_env(**extra: str) -> dict:
+    """The environment of an sbatch from a test: no SLURM_* of an enclosing job, this Python."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def job_field(job_id: str, field: str) -> str:
+    """A field of `scontrol show job` (JobState, Restarts, ...); GONE once Slurm forgot the job."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith(f"{field}=")), "GONE")

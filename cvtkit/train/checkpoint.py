@@ -59,8 +59,9 @@ def refuse_unsafe_pickles(folder: Path) -> None:
             raise ResumeError(f"{path}: refused: not a torch checkpoint file ({e})") from None
         unexpected = sorted(found - DEEPSPEED_GLOBALS)
         if unexpected:
-            raise ResumeError(f"{path}: refused: it pickles {', '.join(unexpected)}, which a checkpoint "
-                              f"holds only if someone planted it; nothing was loaded")
+            raise ResumeError(f"{path}: refused: it pickles {', '.join(unexpected)}, not among what DeepSpeed "
+                              f"is known to save (cvtkit.train.checkpoint.DEEPSPEED_GLOBALS); nothing was "
+                              f"loaded: if you wrote this file yourself with another DeepSpeed, add them there")
 
 
 def tag_for(step: int) -> str:

@@ -8,6 +8,7 @@ import sys
 from typing import Callable
 
 from cvtkit.config import ConfigError, add_config_args, load_config
+from cvtkit.data.wds_loader import DamagedData
 
 from .checkpoint import ResumeError
 from .config import RunConfig
@@ -45,4 +46,9 @@ def run_training(argv: list[str] | None, description: str,
         return EXIT_USAGE
     except (NonFiniteLoss, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except DamagedData as e:
+        # From a loader worker, DataLoader re-raises it with the worker's traceback in the message;
+        # its last line is the original one.
+        print(f"error: {str(e).strip().splitlines()[-1].split('DamagedData: ')[-1]}", file=sys.stderr, flush=True)
         return 1

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cvtkit.config import save_config, to_dict
+from cvtkit.config import save_config
 from cvtkit.dist import DistEnv, discover
 from cvtkit.models.factory import EvalConfig, build_model, eval_config, weight_decay_groups
 
