@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config build-essential slurmctld slurmd slurm-client munge
 SETUP_STAMP := $(VENV)/.setup-complete
 
-.PHONY: setup test demo zoo bench clean
+.PHONY: setup test test-fast gpu-check demo zoo bench clean
 
 setup: $(SETUP_STAMP)
 
@@ -24,8 +24,20 @@ $(SETUP_STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[ffcv,test]'
 	@touch $@
 
+# The whole suite (CI's command; `.ci/run` also sets CVTKIT_NO_SKIP=1, so that a Slurm or tmpfs
+# test that cannot run here fails instead of skipping).
 test: setup
-	$(PY) -m pytest -q -ra --durations=20
+	$(PY) -m pytest -q -ra -m "not gpu" --durations=20
+
+# All but the slow end-to-end tests (`@pytest.mark.slow`): a few minutes, while you work.
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow and not gpu"
+
+# On a GPU machine, in one call (about 9 minutes): the CUDA tests (`pytest -m gpu`), `make demo`
+# with its training on the GPU, and the benchmark table; everything under $OUT (or gpu_check_out/).
+# `make gpu-check GPU_CHECK_ARGS="--parts bench"` reruns one part; `--dry-run` checks it on CPU.
+gpu-check: setup
+	$(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 # The whole pipeline on scikit-learn's bundled digits, on CPU: shards -> DeepSpeed pretraining
 # (2 processes, stopped halfway and resumed) -> fine-tuning at a higher resolution -> evaluation.

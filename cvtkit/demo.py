@@ -136,8 +136,7 @@ def main(argv=None) -> int:
     pre_cfg = REPO / "configs/pretrain/demo_digits.yaml"
     pre_set = ["--set", f"data.train={shards22k}", f"data.val={shards22k}", f"out_dir={out}/runs"]
     info = json.loads((shards22k / "_info.json").read_text())
-    total = 0  # the stop step: half the schedule, read from the recipe
-    import yaml
+    import yaml  # the stop step: half the schedule, read from the recipe
     recipe = yaml.safe_load(pre_cfg.read_text())
     per_epoch = info["splits"]["train"]["num_samples"] // recipe["data"]["batch_size"]
     total = int(recipe["schedule"]["epochs"] * per_epoch)
@@ -163,6 +162,11 @@ def main(argv=None) -> int:
         "--json", result], log, env)
     timings["evaluate"] = time.time() - t
 
+    return summarize(out, pre_run, ft_run, result, timings, t0, args.nproc)
+
+
+def summarize(out: Path, pre_run: Path, ft_run: Path, result: Path, timings: dict, t0: float, nproc: int) -> int:
+    """The plot and the summary, every figure read from the runs; 0 when fine-tuning reached 95%."""
     from cvtkit.train.metrics import read_metrics
     pre, ft = read_metrics(pre_run), read_metrics(ft_run)
     plot(pre, ft, out / "runs/curves.png")
@@ -175,14 +179,13 @@ def main(argv=None) -> int:
           f"val top-1 {pre_val['val/top1']:.1f}% on {int(pre_val['val/count'])} held-out images of 10 classes")
     print(f"  fine-tuning  : val top-1 {final['top1']:.1f}% / top-5 {final['top5']:.1f}% on "
           f"{int(final['count'])} held-out images of {len(SUBSET)} classes, at 48x48")
-    print(f"  throughput   : pretraining {np.median(speed):.0f} images/s (median, {args.nproc} CPU processes)")
+    print(f"  throughput   : pretraining {np.median(speed):.0f} images/s (median, {nproc} CPU processes)")
     print("  time         : " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) +
           f"; total {time.time() - t0:.0f}s")
     print(f"  tensorboard  : tensorboard --logdir {out / 'runs'}")
     print(f"  plot         : {out / 'runs/curves.png'}")
-    print(f"  log          : {log}")
+    print(f"  log          : {out / 'demo.log'}")
     return 0 if final["top1"] >= 95 else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,12 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
+from cvtkit.errors import CvtkitError
+
+
+class LauncherError(CvtkitError, ValueError):
+    """Launcher variables (Slurm, torchrun) that do not describe a valid set of ranks."""
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -39,7 +45,7 @@ def first_host(nodelist: str) -> str:
     """The first host of a Slurm node list: `gpu[003-005,010],cpu1` -> `gpu003`."""
     match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
     if not match:
-        raise ValueError(f"SLURM_JOB_NODELIST: cannot read a host from {nodelist!r}")
+        raise LauncherError(f"SLURM_JOB_NODELIST: cannot read a host from {nodelist!r}")
     prefix, ranges = match.groups()
     if not ranges:
         return prefix
@@ -55,7 +61,7 @@ def _int(env: Mapping[str, str], key: str) -> int:
     try:
         return int(env[key])
     except ValueError:
-        raise ValueError(f"{key}: expected an integer, got {env[key]!r}") from None
+        raise LauncherError(f"{key}: expected an integer, got {env[key]!r}") from None
 
 
 def discover(env: Mapping[str, str] | None = None) -> DistEnv:
@@ -78,20 +84,25 @@ def discover(env: Mapping[str, str] | None = None) -> DistEnv:
         addr = env.get("MASTER_ADDR", "127.0.0.1")
         port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500
     if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is outside a world of {world} processes ({launcher} variables)")
+        raise LauncherError(f"rank {rank} is outside a world of {world} processes ({launcher} variables)")
     return DistEnv(rank, local, world, addr, port, launcher)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group of local ranks."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch_local(nproc: int, cmd: list[str], env: Mapping[str, str] | None = None, **popen) -> list:
     """Start `nproc` ranks of `cmd` on this machine with the variables torchrun would export (the
     way srun starts one process per task); returns their `subprocess.Popen`s. Unlike torchrun it
     passes each rank's exit status through, such as 75 for "saved, resume me"."""
-    import socket
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     base = {k: v for k, v in (os.environ if env is None else env).items()
             if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     procs = []

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from cvtkit.data.ffcv_files import write_beton
+from cvtkit.errors import CvtkitError
 
 
 def main(argv=None) -> int:
@@ -24,9 +25,9 @@ def main(argv=None) -> int:
         out = Path(args.out) / f"{split}.beton"
         try:
             n = write_beton(args.shards, split, out, args.max_resolution, args.jpeg_quality, args.workers)
-        except (FileNotFoundError, KeyError) as e:
-            print(f"error: {e.args[0]}", file=sys.stderr)
-            return 2
+        except CvtkitError as e:
+            print(f"error: {e.one_line()}", file=sys.stderr)
+            return e.exit_code
         print(f"{out}: {n} samples")
     return 0
 

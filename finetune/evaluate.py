@@ -1,16 +1,14 @@
-"""Evaluate a checkpoint: `python finetune/evaluate.py --checkpoint PATH --data PATH [--res 384]`.
+"""Evaluate a checkpoint: `python finetune/evaluate.py --checkpoint PATH --data PATH [--res 384]`
+(also the console script `cvtkit-evaluate`).
 
 PATH: a run folder or checkpoint (any ZeRO stage), an export, an official CvT/CeiT or HuggingFace
 file (`--model NAME` for those); data: webdataset shards, a `.beton` file or an image folder.
-Top-1 / top-5 and loss with the official evaluation transform (SPEC B5), in fp32. One process, or
-many under torchrun / srun (each rank evaluates its share; the sums are all-reduced).
+Top-1 / top-5 and loss with the official evaluation transform (docs/evaluation.md), in fp32. One
+process, or many under torchrun / srun (each rank evaluates its share; the sums are all-reduced).
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
-
-from cvtkit.finetune.evaluation import main  # noqa: E402
+from cvtkit.finetune.evaluation import main
 
 if __name__ == "__main__":
     sys.exit(main())

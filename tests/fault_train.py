@@ -15,11 +15,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from cvtkit.train import checkpoint  # noqa: E402
-from cvtkit.train.checkpoint import tag_for  # noqa: E402
+from cvtkit.checkpoint import tag_for
+from cvtkit.train import checkpointer
+from cvtkit.train.cli import pretrain_main
 
 
 def kill_at_save(spec: str) -> None:
@@ -33,7 +31,7 @@ def kill_at_save(spec: str) -> None:
         if tag in path and name in Path(path).name:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    real_save, real_write = torch.save, checkpoint.write_text_atomic
+    real_save, real_write = torch.save, checkpointer.write_text_atomic
 
     def save(obj, f, *args, **kwargs):
         check(f)
@@ -44,7 +42,7 @@ def kill_at_save(spec: str) -> None:
         return real_write(path, text)
 
     torch.save = save
-    checkpoint.write_text_atomic = write_text_atomic
+    checkpointer.write_text_atomic = write_text_atomic
 
 
 def dump_loaded(argv: list[str], out: str) -> int:
@@ -52,8 +50,8 @@ def dump_loaded(argv: list[str], out: str) -> int:
 
     import deepspeed
 
-    from cvtkit.config import add_config_args, load_config
-    from cvtkit.train.config import RunConfig
+    from cvtkit.config_loader import add_config_args, load_config
+    from cvtkit.train.run_config import RunConfig
     from cvtkit.train.trainer import Trainer
 
     parser = argparse.ArgumentParser()
@@ -75,5 +73,4 @@ if __name__ == "__main__":
         kill_at_save(os.environ["CVTKIT_KILL_AT_SAVE"])
     if os.environ.get("CVTKIT_DUMP_LOADED"):
         sys.exit(dump_loaded(sys.argv[1:], os.environ["CVTKIT_DUMP_LOADED"]))
-    from cvtkit.train.cli import run_training
-    sys.exit(run_training(sys.argv[1:], description="pretrain/train.py with injected faults"))
+    sys.exit(pretrain_main())

@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from cvtkit.config import ConfigError, add_config_args, load_config, require, save_config, to_dict
+from cvtkit.config_loader import ConfigError, add_config_args, load_config, require, save_config, to_dict
 from cvtkit.models import ModelConfig, build_model
 
 

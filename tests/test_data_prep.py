@@ -272,7 +272,7 @@ def test_make_ffcv_writes_betons_that_ffcv_reads(tmp_path):
         assert labels == [s.label for s in ShardIndex(tmp_path / "wds", split).samples]
         assert sum(len(x) for x in images) == n and images[0].shape[1:] == (24, 24, 3)
     bad = subprocess.run(cli[:3] + [str(tmp_path / "nowhere")] + cli[4:], capture_output=True, text=True)
-    assert bad.returncode == 2 and "_info.json: missing" in bad.stderr
+    assert bad.returncode == 2 and "nowhere: no such shard folder" in bad.stderr
 
 
 def test_truncated_compressed_tar_is_a_clear_error(tmp_path):

@@ -1,24 +1,38 @@
-"""`make demo`'s job end to end: real shards, DeepSpeed over two processes with a stop and a
-resume, fine-tuning at a higher resolution, evaluation, at least 95% top-1 on held-out digits."""
+"""`make demo`'s job end to end (real shards, DeepSpeed over two processes with a stop and a resume,
+fine-tuning at a higher resolution, evaluation, at least 95% top-1 on held-out digits), run as the
+demo part of `make gpu-check --dry-run`: one run checks both, and the GPU check's own logic (its
+parts, logs, table and summary) on CPU."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-from train_helpers import REPO
+from helpers import REPO
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "cvtkit.demo", "--out", str(out)], cwd=REPO,
+def test_demo_end_to_end_and_the_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, "tools/gpu_check.py", "--dry-run", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "resumed at step 104" in proc.stdout
-    assert "6/6 head rows copied by synset" in proc.stdout
-    result = json.loads((out / "eval.json").read_text())
+    summary = (out / "summary.md").read_text()
+    assert summary in proc.stdout
+    assert "| tests | ok |" in summary and "| demo | ok |" in summary and "| bench | ok |" in summary
+    # Without CUDA the GPU tests skip, with the reason, and none of them pretends to have run.
+    assert "0 passed, 0 failed" in summary and "skipped: CUDA is absent" in summary
+    assert "pretraining  :" in summary and "fine-tuning  :" in summary
+
+    demo_log = (out / "demo.log").read_text()
+    assert "resumed at step 104" in demo_log and "6/6 head rows copied by synset" in demo_log
+    demo = out / "demo"
+    result = json.loads((demo / "eval.json").read_text())
     assert result["top1"] >= 95 and result["count"] == 220
-    assert (out / "runs/curves.png").stat().st_size > 10_000
-    assert list((out / "runs/demo_pretrain/tensorboard").iterdir())
-    assert (out / "shards/in1k_like_ffcv/train.beton").is_file()
+    assert (demo / "runs/curves.png").stat().st_size > 10_000
+    assert list((demo / "runs/demo_pretrain/tensorboard").iterdir())
+    assert (demo / "shards/in1k_like_ffcv/train.beton").is_file()
+
+    table = (out / "bench.md").read_text().splitlines()
+    assert len(table) == 4 and "cvt_13@32:b4:ref" in table[2] and "cvt_13@32:b4:sdpa" in table[3]
+    assert json.loads((out / "environment.json").read_text())["dry run"] == "CPU"

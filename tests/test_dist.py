@@ -7,7 +7,7 @@ import pytest
 
 from cvtkit.dist import default_port, discover, first_host
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_single_process():

@@ -12,20 +12,18 @@ from PIL import Image
 from torchvision import transforms as T
 
 import fake_imagenet as fake
-from conftest import TINY_CEIT
-from cvtkit.config import load_config
+from cvtkit.checkpoint import latest_complete, tag_for
+from cvtkit.config_loader import load_config
 from cvtkit.data.prep import PrepOptions, run
 from cvtkit.finetune import evaluation
-from cvtkit.finetune.pretrained import add_args, adjust, initial_state
 from cvtkit.models import create_model, load_pretrained, model_from_export, save_export
 from cvtkit.models.heads import map_head
 from cvtkit.models.weights import CheckpointError, read_checkpoint
-from cvtkit.train.checkpoint import latest_complete, tag_for
 from cvtkit.train.cli import run_training
-from cvtkit.train.config import InitConfig, RunConfig
+from cvtkit.train.pretrained import initial_state
+from cvtkit.train.run_config import InitConfig, RunConfig
 from cvtkit.train.trainer import EXIT_REQUEUE
-
-from train_helpers import REPO, make_tiny_shards, metrics, spawn, train, wait
+from helpers import REPO, TINY_CEIT, make_tiny_shards, metrics, spawn, train, wait
 
 FT_CONFIG = REPO / "configs" / "finetune" / "tiny_cpu.yaml"
 PRE_SYNSETS = fake.SYNSETS  # n01440764 n01443537 n02084071 n04399382
@@ -145,7 +143,7 @@ def test_bad_input_is_one_line(data, tmp_path, capsys):
              (["--pretrained", str(tmp_path / "nowhere")], "no such file or folder")]
     for extra, expected in cases:
         argv = ["--config", str(FT_CONFIG), *extra, "--set", f"data.train={data['ft']}", f"out_dir={tmp_path}"]
-        assert run_training(argv, "finetune", extra_args=add_args, adjust=adjust) == 2
+        assert run_training(argv, "finetune", finetune=True) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0], errors
 
@@ -199,7 +197,8 @@ def test_finetune_from_a_zero3_run_maps_the_head_and_resumes(data, zero3_run, tm
 
 
 def hand_metrics(model, folder, classes, res):
-    """Top-1 / top-5 / loss over an image folder, with SPEC B5's transform written out."""
+    """Top-1 / top-5 / loss over an image folder, with the official transform written out
+    (docs/evaluation.md#at-224)."""
     tf = T.Compose([T.Resize(int(res / 0.875), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(res),
                     T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     model.eval()
@@ -215,6 +214,18 @@ def hand_metrics(model, folder, classes, res):
             loss += F.cross_entropy(logits, torch.tensor([label])).item()
     n = len(files)
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n, "count": n}
+
+
+@pytest.mark.slow
+def test_init_pretrained_is_an_ordinary_config_key(data, zero3_run, tmp_path):
+    """Any run with `init.pretrained` and no checkpoint to resume starts from those weights: here
+    the pretraining entry point, the key set with --set like any other (no fine-tuning hook)."""
+    codes, out = train(tmp_path, data["pre"], [f"init.pretrained={zero3_run}", "init.head=keep",
+                                               "schedule.epochs=null", "schedule.steps=1", "log.every_steps=1"], nproc=1)
+    assert codes == [0], out
+    assert "fine-tuning from" in out and "[deepspeed, step 4]" in out
+    record = json.loads((tmp_path / "tiny_cpu" / "init.json").read_text())
+    assert record["pretrained"] == str(zero3_run) and record["head"] == "keep"
 
 
 @pytest.mark.slow

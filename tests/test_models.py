@@ -1,4 +1,4 @@
-"""The model zoo against SPEC parts B and C: sizes, names, behaviour, numerics."""
+"""The model zoo against the official code (docs/models.md): sizes, names, behaviour, numerics."""
 import pytest
 import torch
 import torch.nn as nn
@@ -8,12 +8,13 @@ from cvtkit.models import (CeiT, CvT, create_model, eval_config, list_models, re
                            weight_decay_groups)
 from cvtkit.models.layers import QuickGELU
 
-from conftest import TINY_CEIT, TINY_CVT
+from helpers import TINY_CEIT, TINY_CVT
 
 NAMES = ["ceit_base", "ceit_small", "ceit_small_384", "ceit_tiny", "ceit_tiny_384",
          "cvt_13", "cvt_21", "cvt_w24"]
 
-# SPEC B3 / C1, trainable parameters at 1000 classes.
+# Trainable parameters at 1000 classes, as the official code counts them
+# (docs/models.md#parameters-and-macs).
 PARAMS = {"cvt_13": 19_997_480, "cvt_21": 31_622_696, "cvt_w24": 277_196_392,
           "ceit_tiny": 6_356_904, "ceit_small": 24_204_840, "ceit_base": 94_405_416,
           "ceit_tiny_384": 6_429_864, "ceit_small_384": 24_350_760}
@@ -42,7 +43,8 @@ def test_exact_parameter_count(name):
 
 
 def test_cvt_w24_buffers_and_22k_head():
-    # The model zoo's 277.3M counts the BN running buffers too (SPEC B3).
+    # The official model zoo's 277.3M counts the BN running buffers too
+    # (docs/models.md#parameters-and-macs).
     model = meta_model("cvt_w24")
     buffers = sum(b.numel() for n, b in model.named_buffers() if "running" in n)
     assert PARAMS["cvt_w24"] + buffers == 277_330_792
@@ -52,7 +54,7 @@ def test_cvt_w24_buffers_and_22k_head():
 
 
 def official_cvt_keys(dims, depths):
-    """Official CvT state_dict names, written out from SPEC B6."""
+    """Official CvT state_dict names, written out from docs/models.md#cvt-names."""
     keys = []
     for i, (c, depth) in enumerate(zip(dims, depths)):
         keys += [f"stage{i}.patch_embed.proj.weight", f"stage{i}.patch_embed.proj.bias",
@@ -95,7 +97,7 @@ def test_cvt_13_shapes():
 
 
 def official_ceit_keys(depth=12):
-    """Official CeiT names, written out from SPEC C9."""
+    """Official CeiT names, written out from docs/models.md#ceit-names."""
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     keys = ["cls_token", "pos_embed", "pos_layer_embed", "i2t.backbone.conv.weight",
             *[f"i2t.backbone.bn.{s}" for s in bn], "i2t.proj.weight", "i2t.proj.bias"]
@@ -193,7 +195,8 @@ def test_sdpa_matches_reference_attention(name, extra, res):
 
 
 def _manual_cvt_attention(attn, x, h, w):
-    """The official attention written out from SPEC B2 with functional ops (eval mode)."""
+    """The official attention (docs/models.md#convolutional-attention) written out with functional
+    ops (eval mode)."""
     C = x.shape[-1]
     cls, tokens = x[:, :1], x[:, 1:]
     grid = tokens.transpose(1, 2).reshape(x.shape[0], C, h, w)
@@ -265,7 +268,8 @@ def test_official_init():
 
 
 def test_weight_decay_groups_cvt_13():
-    """SPEC B4: 121 decayed tensors (19,911,936 params), 221 not (85,544 params)."""
+    """As the official grouping (docs/models.md#weight-decay-groups): 121 decayed tensors
+    (19,911,936 params), 221 not (85,544 params)."""
     decay, no_decay = weight_decay_groups(meta_model("cvt_13"), 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert (len(decay["params"]), sum(p.numel() for p in decay["params"])) == (121, 19_911_936)
@@ -276,7 +280,7 @@ def test_weight_decay_groups_ceit():
     model = create_model("ceit_tiny", **TINY_CEIT)
     decay, no_decay = weight_decay_groups(model, 0.05)
     ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
-    assert id(model.pos_layer_embed) in ids(decay)  # 3-D, decayed (SPEC C8)
+    assert id(model.pos_layer_embed) in ids(decay)  # 3-D, decayed (docs/models.md#weight-decay-groups)
     assert {id(model.pos_embed), id(model.cls_token)} <= ids(no_decay)
     assert id(model.blocks[0].leff.conv2.weight) in ids(decay)
     assert model.no_weight_decay() == {"pos_embed", "cls_token"}

@@ -1,17 +1,10 @@
 """The models under real DeepSpeed (ZeRO-2, bf16, two gloo processes on CPU)."""
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import TINY_CEIT, TINY_CVT
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cvtkit.dist import free_port
+from helpers import TINY_CEIT, TINY_CVT
 
 
 def _train(rank, world, port, name, extra, res, results):
@@ -45,7 +38,7 @@ def _train(rank, world, port, name, extra, res, results):
 @pytest.mark.parametrize("name,extra,res", [("cvt_13", TINY_CVT, 32), ("ceit_tiny", TINY_CEIT, 32)])
 def test_zero2_bf16_two_processes(name, extra, res):
     results = mp.Manager().dict()
-    mp.spawn(_train, args=(2, _free_port(), name, extra, res, results), nprocs=2)
+    mp.spawn(_train, args=(2, free_port(), name, extra, res, results), nprocs=2)
     for losses in results.values():
         assert all(torch.isfinite(torch.tensor(losses)))
         assert losses[-1] < losses[0]

@@ -12,9 +12,9 @@ import pytest
 
 import fake_imagenet as fake
 from cvtkit.data.prep import INFO_FILE
-from cvtkit.train.checkpoint import complete_tags, tag_for
+from cvtkit.checkpoint import complete_tags, tag_for
 
-from train_helpers import REPO, TINY_CONFIG, job_env, job_field, make_tiny_shards, metrics
+from helpers import REPO, TINY_CONFIG, job_env, job_field, make_tiny_shards, metrics
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from cvtkit.train.checkpoint import complete_tags, tag_for
+from cvtkit.checkpoint import complete_tags, tag_for
 
-from train_helpers import REPO, TINY_CONFIG, job_env, job_field, make_tiny_shards, metrics
+from helpers import REPO, TINY_CONFIG, job_env, job_field, make_tiny_shards, metrics
 
 # Two CPU tasks on one node instead of 4 nodes x 8 GPUs; everything else is the script's own.
 SMALL_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=4G"]

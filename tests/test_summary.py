@@ -1,10 +1,11 @@
-"""MAC counts against SPEC B3 (CvT, attention included) and C1 (CeiT, conv + linear only)."""
+"""MAC counts against the official code's (docs/models.md#parameters-and-macs): CvT with the
+attention matmuls, CeiT conv + linear only."""
 import pytest
 
 from cvtkit.models.summary import main, model_macs
 
-# (model, res, SPEC figure in GMACs, which count)
-SPEC_MACS = [
+# (model, res, the official code's figure in GMACs, which count)
+OFFICIAL_MACS = [
     ("cvt_13", 224, 4.580, "total"),  # official ptflops + compute_macs hook
     ("cvt_21", 224, 7.199, "total"),
     ("cvt_13", 384, 16.333, "total"),
@@ -17,14 +18,15 @@ SPEC_MACS = [
 ]
 
 
-@pytest.mark.parametrize("name,res,expected,kind", SPEC_MACS)
+@pytest.mark.parametrize("name,res,expected,kind", OFFICIAL_MACS)
 def test_macs_within_one_percent_of_spec(name, res, expected, kind):
     macs = model_macs(name, res)
     assert getattr(macs, kind) / 1e9 == pytest.approx(expected, rel=0.01)
 
 
 def test_cvt_analytic_count_is_exact():
-    # SPEC B3 "analytic (conv+linear+attn matmuls)" column, to the printed precision.
+    # The analytic count (conv + linear + attention matmuls, docs/models.md#parameters-and-macs), to
+    # the printed precision.
     assert model_macs("cvt_13", 224).total / 1e9 == pytest.approx(4.566, abs=5e-4)
     assert model_macs("cvt_w24", 384).total / 1e9 == pytest.approx(194.222, abs=5e-4)
 

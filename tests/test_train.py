@@ -7,21 +7,22 @@ import sys
 import pytest
 import torch
 
-from cvtkit.config import ConfigError, load_config
-from cvtkit.train.checkpoint import COMPLETE, Checkpointer, complete_tags, latest_complete, tag_for
-from cvtkit.train.config import RunConfig
+from cvtkit.config_loader import ConfigError, load_config
+from cvtkit.checkpoint import COMPLETE, complete_tags, consolidated_state_dict, latest_complete, tag_for
+from cvtkit.train.checkpointer import Checkpointer
+from cvtkit.train.run_config import RunConfig
 from cvtkit.train.schedule import Schedule
 from cvtkit.train.trainer import EXIT_REQUEUE
 
 from cvtkit.models.factory import build_model
-from cvtkit.train.checkpoint import consolidated_state_dict
 
-from train_helpers import (REPO, TINY_CONFIG, assert_same_model, dump_loaded, make_tiny_shards, metrics, signal_when_step,
-                           spawn, train, train_losses, wait)
+from helpers import (REPO, TINY_CONFIG, assert_same_model, dump_loaded, make_tiny_shards, metrics, signal_when_step,
+                     spawn, train, train_losses, wait)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
+    """64 training samples / global batch 16 = 4 steps per epoch (make_tiny_shards)."""
     return make_tiny_shards(tmp_path_factory.mktemp("train"))
 
 
@@ -144,12 +145,9 @@ def test_two_ranks_train_under_each_zero_stage(shards, tmp_path, stage):
 
 @pytest.mark.slow
 def test_ceit_with_accumulation_and_ema(shards, tmp_path):
-    config = tmp_path / "ceit.yaml"
-    config.write_text(TINY_CONFIG.read_text().replace(
-        "name: cvt_13", "name: ceit_tiny\n  img_size: 32").replace(
-        "{dims: [16, 32, 64], heads: [1, 2, 2], depths: [1, 1, 2]}", "{embed_dim: 32, num_heads: 2, depth: 3}"))
-    codes, out = train(tmp_path, shards, ["engine.micro_batch=4", "ema.decay=0.9", "schedule.epochs=1"],
-                       config=config)
+    ceit = ["model.name=ceit_tiny", "model.img_size=32", "model.options={embed_dim: 32, num_heads: 2, depth: 3}"]
+    # 64 training samples / global batch 16 = 4 steps per epoch; micro batch 4 x 2 ranks -> accumulation 2
+    codes, out = train(tmp_path, shards, [*ceit, "engine.micro_batch=4", "ema.decay=0.9", "schedule.epochs=1"])
     assert codes == [0, 0], out
     assert "micro batch 4 x accumulation 2 x 2 ranks" in out
     ema = torch.load(tmp_path / "tiny_cpu/checkpoints" / tag_for(4) / "ema.pt", weights_only=True)

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from cvtkit.config import ConfigError, load_config
+from cvtkit.config_loader import ConfigError, load_config
 from cvtkit.data.transforms import (AugmentConfig, build_mixup, eval_transform, normalize_on_device,
                                     train_transform)
 from cvtkit.models import create_model, eval_config

@@ -8,6 +8,7 @@ import torch
 
 from cvtkit.data.prep import PrepOptions, run
 from cvtkit.data.transforms import eval_transform
+from cvtkit.data.shard_info import ShardFolderError
 from cvtkit.data.wds_loader import ShardSet, WdsLoader, slot_plan
 from cvtkit.models.factory import EvalConfig
 
@@ -30,6 +31,7 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def even_shards(tmp_path_factory):
+    """40 train samples in 8 shards of 5; 12 validation samples."""
     return make_shards(tmp_path_factory.mktemp("even"), 5)
 
 
@@ -128,11 +130,11 @@ def test_batches_carry_transformed_images(shards):
 
 
 def test_bad_shard_sets_fail_clearly(shards, tmp_path):
-    with pytest.raises(FileNotFoundError, match="_info.json: missing"):
+    with pytest.raises(ShardFolderError, match="no _info.json"):
         ShardSet.from_info(str(tmp_path), "train")
-    with pytest.raises(KeyError, match="no split 'test'"):
+    with pytest.raises(ShardFolderError, match="no split 'test'"):
         ShardSet.from_info(shards, "test")
-    with pytest.raises(ValueError, match="cannot give one batch of 64 to each of 2 ranks"):
+    with pytest.raises(ShardFolderError, match="cannot give one batch of 64 to each of 2 ranks"):
         WdsLoader(ShardSet.from_info(shards, "train"), 64, 0, 2)
 
 
@@ -184,7 +186,7 @@ def test_shards_over_http(shards):
         assert remote.urls[0].startswith(url) and remote.num_samples == 12
         keys = [k for b in keys_of(WdsLoader(remote, 4, train=False, workers=0, with_keys=True)) for k in b]
         assert set(keys) == all_keys(shards, "validation")
-        with pytest.raises(FileNotFoundError, match="nowhere/_info.json: cannot be read"):
+        with pytest.raises(ShardFolderError, match="nowhere/_info.json: cannot be read"):
             ShardSet.from_info(url + "/nowhere", "train")
     finally:
         server.shutdown()

@@ -11,9 +11,10 @@ from cvtkit.models import CheckpointError, create_model, load_pretrained, model_
 from cvtkit.models.convert import main as convert_main
 from cvtkit.models.weights import hf_to_official, read_checkpoint
 
-from conftest import TINY_CEIT, TINY_CVT
+from helpers import TINY_CEIT, TINY_CVT
 
-# SPEC B6, official -> HuggingFace, as literal string rewrites (independent of the loader's regexes).
+# Official -> HuggingFace names (docs/models.md#huggingface-names), as literal string rewrites
+# (independent of the loader's regexes).
 OFFICIAL_TO_HF = [
     (r"^stage(\d+)\.patch_embed\.proj\.", r"cvt.encoder.stages.\1.embedding.convolution_embeddings.projection."),
     (r"^stage(\d+)\.patch_embed\.norm\.", r"cvt.encoder.stages.\1.embedding.convolution_embeddings.normalization."),

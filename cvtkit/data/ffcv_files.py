@@ -7,7 +7,6 @@ order, with the same labels. ffcv needs random access, so each shard's tar is in
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .prep import INFO_FILE
+from .shard_info import ShardInfo
 
 
 @dataclass(frozen=True)
@@ -31,15 +30,11 @@ class ShardIndex:
 
     def __init__(self, folder: str | Path, split: str):
         self.folder = Path(folder)
-        info_path = self.folder / INFO_FILE
-        if not info_path.is_file():
-            raise FileNotFoundError(f"{info_path}: missing; run data_prep/make_shards.py first")
-        info = json.loads(info_path.read_text())
-        if split not in info["splits"]:
-            raise KeyError(f"{info_path}: no split {split!r} (have: {', '.join(info['splits'])})")
-        self.num_classes = info["num_classes"]
+        shards = ShardInfo.read(str(folder)).split(split)
+        self.num_classes = shards.num_classes
         self.samples: list[_Sample] = []
-        for name in info["splits"][split]["filenames"]:
+        for url in shards.urls:
+            name = Path(url).name
             jpgs, labels = {}, {}
             with tarfile.open(self.folder / name) as tar:
                 for m in tar:

@@ -20,6 +20,7 @@ import torch
 
 from cvtkit.models.factory import EvalConfig
 
+from .shard_info import ShardFolderError
 from .transforms import AugmentConfig
 from .wds_loader import resume_position
 
@@ -53,7 +54,7 @@ class FfcvLoader:
         from ffcv.reader import Reader
         self.num_samples = Reader(self.path).num_samples
         if self.train and self.num_samples < self.world_size * self.batch_size:
-            raise ValueError(f"{self.path}: {self.num_samples} samples cannot give one batch of "
+            raise ShardFolderError(f"{self.path}: {self.num_samples} samples cannot give one batch of "
                              f"{self.batch_size} to each of {self.world_size} ranks")
         self.epoch, self.batches_done = 0, 0
 

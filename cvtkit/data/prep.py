@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from .images import BadImage, Resize, prepare_image
 from .shardfile import write_json_atomic, write_shard
+from .shard_info import INFO_FILE, class_list_sha256
 from .sources import Item, Source, SourceError, iter_stream_tar_of_tars, scan
 
-INFO_FILE = "_info.json"
 MANIFEST_DIR = "_manifest"
 OPTIONS_FILE = "_options.json"
 SPOOL_DIR = "_spool"
@@ -341,7 +341,7 @@ def build_info(opts: PrepOptions, source: Source, classes: list[str], split_name
         "options": opts.fingerprint(),
         "num_classes": len(classes),
         "classes": [{"index": i, "synset": s, "name": n} for i, (s, n) in enumerate(zip(classes, names))],
-        "classes_sha256": hashlib.sha256("\n".join(classes).encode()).hexdigest(),
+        "classes_sha256": class_list_sha256(classes),
         "splits": {
             split: {
                 "name": split,

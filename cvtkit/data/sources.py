@@ -18,13 +18,15 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from cvtkit.errors import CvtkitError
+
 SYNSET = re.compile(r"^n\d{8}$")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 STREAMED = -2
 VAL_LABEL_FILES = ("LOC_val_solution.csv", "val_labels.txt", "ILSVRC2012_validation_labels.txt")
 
 
-class SourceError(ValueError):
+class SourceError(CvtkitError, ValueError):
     """A source that cannot be used; the message names the path and what was expected."""
 
 

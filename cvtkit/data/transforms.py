@@ -1,11 +1,11 @@
 """Image transforms of the recipes, built with timm and torchvision.
 
-- `deit`: SPEC A2's DeiT recipe: bicubic RandomResizedCrop (0.08-1), flip, RandAugment
-  `rand-m9-mstd0.5-inc1`, random erasing 0.25 (pixel mode); Mixup 0.8 / CutMix 1.0 with label
-  smoothing 0.1 as soft targets (`build_mixup`).
+- `deit`: the DeiT recipe (docs/recipes.md#deit-augmentation): bicubic RandomResizedCrop
+  (0.08-1), flip, RandAugment `rand-m9-mstd0.5-inc1`, random erasing 0.25 (pixel mode); Mixup
+  0.8 / CutMix 1.0 with label smoothing 0.1 as soft targets (`build_mixup`).
 - `finetune`: CvT's fine-tuning transform: resize to (s + 32)^2 then random crop s, flip (416 -> 384).
-- evaluation from a model's `EvalConfig` (SPEC B5): resize 256 + centre crop 224 at crop ratio
-  0.875, or a square warp with no crop (CvT at 384).
+- evaluation from a model's `EvalConfig` (docs/evaluation.md): resize 256 + centre crop 224 at
+  crop ratio 0.875, or a square warp with no crop (CvT at 384).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torchvision import transforms as T
 
-from cvtkit.config import require
+from cvtkit.config_loader import require
 from cvtkit.models.factory import IMAGENET_MEAN, IMAGENET_STD, EvalConfig
 
 _INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
@@ -24,7 +24,8 @@ _INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMo
 
 @dataclass
 class AugmentConfig:
-    """The `data.augment:` section. Defaults are the DeiT recipe of SPEC A2."""
+    """The `data.augment:` section. Defaults are the DeiT recipe
+    (docs/recipes.md#deit-augmentation)."""
     kind: Literal["deit", "finetune", "none"] = "deit"
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (0.75, 4 / 3)

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import logging
 import multiprocessing
 import random
 import zlib
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -35,54 +32,11 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cvtkit.errors import CvtkitError
+
+from .shard_info import ShardFolderError, ShardSet
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    """The shards of one split as `_info.json` lists them (local folder or URL prefix)."""
-    urls: list[str]
-    lengths: list[int]
-    num_classes: int
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.lengths)
-
-    @classmethod
-    def from_info(cls, root: str, split: str) -> "ShardSet":
-        """`root`: a local folder, or a URL prefix webdataset opens (`https://host/in22k`,
-        `pipe:...` is not a prefix); shard URLs are `root/<filename>` from its `_info.json`."""
-        if "://" in root and not root.startswith("file://"):
-            return cls._from_url(root.rstrip("/"), split)
-        root = root.removeprefix("file://")
-        info_path = Path(root) / "_info.json"
-        if not info_path.is_file():
-            raise FileNotFoundError(f"{info_path}: missing; make shards with data_prep/make_shards.py")
-        info = json.loads(info_path.read_text())
-        if split not in info.get("splits", {}):
-            raise KeyError(f"{info_path}: no split {split!r} (have: {', '.join(info.get('splits', {}))})")
-        s = info["splits"][split]
-        if not s["filenames"]:
-            raise ValueError(f"{info_path}: split {split!r} lists no shards")
-        urls = [str(Path(root) / f) for f in s["filenames"]]
-        missing = [u for u in urls if not Path(u).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{missing[0]}: listed in {info_path} but absent"
-                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        return cls(urls, list(s["shard_lengths"]), info["num_classes"])
-
-    @classmethod
-    def _from_url(cls, root: str, split: str) -> "ShardSet":
-        try:
-            with wds.gopen(f"{root}/_info.json") as f:
-                info = json.loads(f.read())
-        except Exception as e:  # noqa: BLE001 - any transport error, named with the URL
-            raise FileNotFoundError(f"{root}/_info.json: cannot be read ({e})") from None
-        if split not in info.get("splits", {}):
-            raise KeyError(f"{root}/_info.json: no split {split!r}")
-        s = info["splits"][split]
-        return cls([f"{root}/{f}" for f in s["filenames"]], list(s["shard_lengths"]), info["num_classes"])
 
 
 def slot_plan(num_shards: int, slots: int, slot: int) -> tuple[list[int], int, int]:
@@ -107,8 +61,9 @@ def _decode(sample: dict, min_side: int = 0) -> tuple[Image.Image, int, str]:
     return img.convert("RGB"), int(sample["cls"]), sample["__key__"]
 
 
-class DamagedData(RuntimeError):
+class DamagedData(CvtkitError, RuntimeError):
     """Every sample a slot could read is damaged: nothing to train on."""
+    exit_code = 1
 
 
 class _SlotStream(IterableDataset):
@@ -254,7 +209,7 @@ class WdsLoader:
         """`decode_min_side`: the smallest shorter side the transform needs (see
         `transforms.min_decode_side`); 0 decodes every image at full size."""
         if train and shards.num_samples < world_size * batch_size:
-            raise ValueError(f"{shards.num_samples} samples cannot give one batch of {batch_size} "
+            raise ShardFolderError(f"{shards.num_samples} samples cannot give one batch of {batch_size} "
                              f"to each of {world_size} ranks")
         self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
         self.workers, self.seed, self.transform, self.train = workers, seed, transform, train

@@ -1,5 +1,5 @@
 """Evaluate any checkpoint: top-1 / top-5 (%) and cross-entropy with the official transform of the
-model's evaluation metadata at the chosen resolution (SPEC B5), in fp32 by default, on
+model's evaluation metadata at the chosen resolution (docs/evaluation.md), in fp32 by default, on
 webdataset shards, a `.beton` file or an image folder, on one rank or many.
 
     python finetune/evaluate.py --checkpoint runs/cvt_w24_384_ft1k --data /data/in1k-wds --res 384
@@ -15,32 +15,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
+from cvtkit.data.eval_sets import EvalDataError, folder_eval_loader
+from cvtkit.data.loaders import eval_loader_beton, eval_loader_wds
+from cvtkit.data.shard_info import ShardInfo, folder_synsets
+from cvtkit.device import DTYPES, backend_for, local_device
 from cvtkit.dist import discover
-from cvtkit.models.factory import EvalConfig, eval_config, get_entry
-from cvtkit.models.weights import Checkpoint, CheckpointError, checkpoint_classes, model_from_checkpoint
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def eval_cfg_at(model: nn.Module, res: int) -> EvalConfig:
-    """The model's evaluation metadata at `res`. CvT runs at any size: where the registry has no
-    entry, the official rule applies (crop ratio 0.875 below 384, a square warp from 384 on, as
-    the engine does). CeiT's position embedding fixes its size."""
-    try:
-        return eval_config(model, res)
-    except ValueError:
-        if get_entry(model.model_name).fixed_res:
-            raise ValueError(f"{model.model_name} is built for {model.default_res}x{model.default_res} "
-                             f"(position embedding); fine-tune it at {res} to evaluate there") from None
-        return EvalConfig(res, 0.875, "center") if res < 384 else EvalConfig(res, 1.0, "squash")
+from cvtkit.errors import CvtkitError
+from cvtkit.models.factory import EvalConfig, eval_config
+from cvtkit.models.weights import Checkpoint, checkpoint_classes, model_from_checkpoint
+from cvtkit.train.validation import validate
 
 
 def trained_res(ckpt: Checkpoint) -> int | None:
@@ -59,7 +48,7 @@ def data_kind(path: str) -> str:
         return "wds"
     if p.is_dir():
         return "folder"
-    raise FileNotFoundError(f"--data {path}: not a .beton file, a shard folder with _info.json, or an "
+    raise EvalDataError(f"--data {path}: not a .beton file, a shard folder with _info.json, or an "
                             f"image folder of class folders")
 
 
@@ -70,7 +59,7 @@ def _label_map(data_classes: list[str] | None, model_classes: list[str] | None, 
     index = {s: i for i, s in enumerate(model_classes)}
     unknown = [s for s in data_classes if s not in index]
     if unknown:
-        raise ValueError(f"{where}: classes the model has no row for: {', '.join(unknown[:5])}"
+        raise EvalDataError(f"{where}: classes the model has no row for: {', '.join(unknown[:5])}"
                          + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
     return torch.tensor([index[s] for s in data_classes])
 
@@ -82,14 +71,16 @@ def _remapped(loader, lut):
 
 def build_loader(path: str, split: str, eval_cfg: EvalConfig, batch: int, rank: int, world: int,
                  workers: int, model_classes: list[str] | None):
-    from cvtkit.train.data import dataset_classes, eval_loader
-    from cvtkit.train.eval_data import folder_eval_loader
-
     kind = data_kind(path)
     if kind == "folder":
         return folder_eval_loader(path, eval_cfg, batch, rank, world, workers, classes=model_classes)
-    data_classes = dataset_classes(path if kind == "wds" else str(Path(path).parent))
-    loader = eval_loader(path, split, kind, eval_cfg, batch, rank, world, workers)
+    if kind == "wds":
+        info = ShardInfo.read(path)
+        data_classes = info.synsets
+        loader = eval_loader_wds(info, split, eval_cfg, batch, rank, world, workers)
+    else:
+        data_classes = folder_synsets(str(Path(path).parent))
+        loader = eval_loader_beton(path, eval_cfg, batch, rank, world, workers)
     lut = _label_map(data_classes, model_classes, path)
     return loader if lut is None else _remapped(loader, lut)
 
@@ -99,21 +90,18 @@ def evaluate_checkpoint(checkpoint: str, data: str, res: int | None = None, spli
                         workers: int = 4, precision: str = "fp32") -> dict:
     """Evaluate on this process's share (all of it without a process group); returns the
     metrics summed over ranks, with what was evaluated."""
-    from cvtkit.train.trainer import evaluate
-
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
-              else torch.device("cpu"))
+    device = local_device(discover().local_rank)
     model, ckpt = model_from_checkpoint(checkpoint, model_name, use_ema)
     res = res or trained_res(ckpt) or model.default_res
-    cfg = eval_cfg_at(model, res)
-    dtype = _DTYPES[precision]
+    cfg = eval_config(model, res)
+    dtype = DTYPES[precision]
     model.to(device).eval()
     for p in model.parameters():  # as DeepSpeed: parameters in `dtype`, BN statistics stay fp32
         p.data = p.data.to(dtype)
     loader = build_loader(data, split, cfg, batch, rank, world, workers, checkpoint_classes(ckpt))
-    metrics = evaluate(model, loader, device, dtype, input_size=cfg.input_size)
+    metrics = validate(model, loader, device, dtype, input_size=cfg.input_size)
     return {**metrics, "checkpoint": str(ckpt.path), "model": model.model_name, "data": data,
             "res": res, "crop_mode": cfg.crop_mode, "crop_pct": cfg.crop_pct, "precision": precision,
             "use_ema": use_ema, "world_size": world}
@@ -130,23 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--workers", type=int, default=4, help="loader workers per rank")
-    parser.add_argument("--precision", choices=sorted(_DTYPES), default="fp32")
+    parser.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--out", "--json", dest="out", help="write the metrics to this JSON file")
     args = parser.parse_args(argv)
 
     env = discover()
     if env.world_size > 1:
         env.export()
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(env.local_rank)
+        device = local_device(env.local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend_for(device), timeout=datetime.timedelta(minutes=30))
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data, args.res, args.split, args.model,
                                      args.ema, args.batch, args.workers, args.precision)
-    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr, flush=True)
-        return 2
+    except CvtkitError as e:
+        print(f"error: {e.one_line()}", file=sys.stderr, flush=True)
+        return e.exit_code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

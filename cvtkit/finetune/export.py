@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from cvtkit.models.weights import CheckpointError, checkpoint_classes, model_from_checkpoint, save_export
+from cvtkit.errors import CvtkitError
+from cvtkit.models.factory import eval_config
+from cvtkit.models.weights import checkpoint_classes, model_from_checkpoint, save_export
 
-from .evaluation import eval_cfg_at, trained_res
+from .evaluation import trained_res
 
 
 def export(source: str, out: str, model_name: str | None = None, use_ema: bool = False) -> tuple[nn.Module, dict]:
@@ -28,7 +30,7 @@ def export(source: str, out: str, model_name: str | None = None, use_ema: bool =
         classes = [{"index": i, "synset": s, "name": n} for i, (s, n) in enumerate(zip(synsets, class_names(synsets)))]
     res = trained_res(ckpt)
     if res is not None:  # the size it was trained / fine-tuned for, e.g. a CvT at 384
-        model.eval_cfgs.setdefault(res, eval_cfg_at(model, res))
+        model.eval_cfgs.setdefault(res, eval_config(model, res))
     extra = {"res": res, "source": str(ckpt.path), "source_format": ckpt.source_format,
              "step": ckpt.metadata.get("step"), "use_ema": use_ema}
     save_export(model, out, classes, extra)
@@ -44,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model, extra = export(args.source, args.out, args.model, args.ema)
-    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr, flush=True)
-        return 2
+    except CvtkitError as e:
+        print(f"error: {e.one_line()}", file=sys.stderr, flush=True)
+        return e.exit_code
     print(f"{extra['source']} [{extra['source_format']}] -> {Path(args.out)}: {model.model_name}, "
           f"{model.num_classes} classes, eval at {sorted(model.eval_cfgs)}", flush=True)
     return 0

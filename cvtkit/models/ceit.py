@@ -250,7 +250,8 @@ def _ceit(arch: dict, overrides: dict) -> CeiT:
     return CeiT(**{**arch, **overrides})
 
 
-# Evaluation as DeiT: resize int(256/224 * size) bicubic + centre crop, at 224 and at 384 (SPEC C8).
+# Evaluation as DeiT: resize int(256/224 * size) bicubic + centre crop, at 224 and at 384
+# (docs/evaluation.md#ceit-at-384).
 @register_model(CeiT, {224: CENTER_224}, fixed_res=True)
 def ceit_tiny(**overrides) -> CeiT:
     """CeiT-T: 6,356,904 parameters, 1.2 GMACs (conv + linear) at 224."""

@@ -229,7 +229,8 @@ class CvT(Backbone):
             stage.grad_checkpointing = enable
 
 
-# 224 evaluation: resize 256 + centre crop 224; 384: square warp, no crop (SPEC B5).
+# 224 evaluation: resize 256 + centre crop 224; 384: square warp, no crop
+# (docs/evaluation.md#cvt-at-384).
 CVT_EVALS = {224: CENTER_224, 384: SQUASH_384}
 
 

@@ -12,6 +12,8 @@ from typing import Any, Callable, Literal
 
 import torch.nn as nn
 
+from cvtkit.errors import CvtkitError
+
 from .layers import ATTN_IMPLS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -20,7 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How the official code evaluates a model at one resolution (SPEC B5, C8).
+    """How the official code evaluates a model at one resolution (docs/evaluation.md).
 
     `crop_mode="center"`: resize the shorter side to `input_size / crop_pct`, centre crop.
     `crop_mode="squash"`: resize straight to `input_size x input_size` (aspect not kept), no crop.
@@ -98,19 +100,34 @@ def create_model(name: str, num_classes: int = 1000, **overrides) -> nn.Module:
     res = overrides.get("img_size", entry.default_res)
     model.default_res = res
     model.eval_cfgs = dict(entry.eval_cfgs)
-    if res not in model.eval_cfgs:
-        model.eval_cfgs[res] = EvalConfig(res, entry.eval_cfgs[entry.default_res].crop_pct,
-                                          entry.eval_cfgs[entry.default_res].crop_mode)
     return model
 
 
+class EvalResolutionError(CvtkitError, ValueError):
+    """A model asked to evaluate at a size its weights are not built for (CeiT's position embedding)."""
+
+
 def eval_config(model: nn.Module, res: int | None = None) -> EvalConfig:
-    """The evaluation transform metadata of a model created by `create_model` at `res`."""
+    """How `model` (from `create_model`) is evaluated at `res` (default: the size it is built for);
+    the one place this is decided (docs/evaluation.md).
+
+    The registry's entry when it has one (`model.eval_cfgs`: an export's recorded sizes too).
+    CvT runs at any size: elsewhere the official rule applies, a 0.875 centre crop below 384 and a
+    square warp from 384 on. CeiT's position embedding fixes its size: at the size it is built
+    for it keeps its family's crop, any other size is refused."""
     res = res or model.default_res
-    if res not in model.eval_cfgs:
-        raise ValueError(f"{model.model_name} has no evaluation metadata at {res} "
-                         f"(available: {sorted(model.eval_cfgs)})")
-    return model.eval_cfgs[res]
+    if res in model.eval_cfgs:
+        return model.eval_cfgs[res]
+    entry = get_entry(model.model_name)
+    if entry.fixed_res:
+        if res != model.default_res:
+            raise EvalResolutionError(
+                f"{model.model_name} has no evaluation metadata at {res}: it is built for "
+                f"{model.default_res}x{model.default_res} (position embedding); fine-tune it at {res} "
+                f"to evaluate there")
+        family = entry.eval_cfgs[entry.default_res]
+        return EvalConfig(res, family.crop_pct, family.crop_mode)
+    return EvalConfig(res, 0.875, "center") if res < 384 else EvalConfig(res, 1.0, "squash")
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:

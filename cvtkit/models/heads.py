@@ -1,4 +1,5 @@
-"""Classifier surgery by synset: a 22k head becomes a 1k head (SPEC A3, notes/ecosystem.md 1.5).
+"""Classifier surgery by synset: a 22k head becomes a 1k head
+(docs/recipes.md#the-1k-head-from-the-22k-head).
 
     state, missing = map_head(state, src_synsets, dst_synsets, fresh=model.state_dict())
 

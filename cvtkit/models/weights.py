@@ -4,11 +4,11 @@ Formats read (detected from the content, not the file name):
 - official CvT `.pth`: a flat state_dict with the official names;
 - official CeiT / DeiT-style `.pth`: `{'model': ..., 'model_ema': ..., 'args': Namespace, ...}`;
 - HuggingFace `microsoft/cvt-*`: `pytorch_model.bin` or `model.safetensors` (or their folder),
-  names mapped with SPEC B6;
+  names mapped as in docs/models.md (the HuggingFace names);
 - the project's exports: a folder with `model.safetensors` and `cvtkit.json`;
 - the project's training runs (DeepSpeed, any ZeRO stage): a run folder (its newest complete
   checkpoint), its `checkpoints/` folder or one tag folder, consolidated with DeepSpeed's own
-  `zero_to_fp32` (`cvtkit.train.checkpoint.consolidated_state_dict`).
+  `zero_to_fp32` (`cvtkit.checkpoint.consolidated_state_dict`).
 Pickles are read with `torch.load(weights_only=True)`; no code from a checkpoint ever runs. The
 exception is a DeepSpeed checkpoint, which DeepSpeed itself unpickles: read runs you trust.
 """
@@ -17,14 +17,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from cvtkit.checkpoint import ResumeError, consolidated_state_dict, find_tag_folder
+from cvtkit.errors import CvtkitError
 
 from .ceit import CeiT, resize_pos_embed
 from .factory import EvalConfig, ModelConfig, build_model, create_model, list_models
@@ -33,7 +39,7 @@ EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_META = "cvtkit.json"
 EXPORT_FORMAT = "cvtkit-export/1"
 
-# HuggingFace `CvtForImageClassification` name -> official name (SPEC B6), applied in order.
+# HuggingFace `CvtForImageClassification` name -> official name (docs/models.md), applied in order.
 _HF_TO_OFFICIAL = [
     (r"^cvt\.encoder\.stages\.(\d+)\.embedding\.convolution_embeddings\.projection\.", r"stage\1.patch_embed.proj."),
     (r"^cvt\.encoder\.stages\.(\d+)\.embedding\.convolution_embeddings\.normalization\.", r"stage\1.patch_embed.norm."),
@@ -57,7 +63,7 @@ _HF_TO_OFFICIAL = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CvtkitError, ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 
@@ -107,7 +113,7 @@ def _torch_load(path: Path) -> object:
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint "
                                   f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
 
@@ -129,13 +135,7 @@ def _read_deepspeed(tag_dir: Path, use_ema: bool) -> Checkpoint:
     and `run_config` (the run's resolved config.yaml) when the run folder has one."""
     import yaml
 
-    from cvtkit.train.checkpoint import consolidated_state_dict
-
-    try:
-        state = consolidated_state_dict(tag_dir)
-    except Exception as e:  # noqa: BLE001 - DeepSpeed's errors, re-raised with the folder
-        raise CheckpointError(f"{tag_dir}: DeepSpeed checkpoint cannot be consolidated "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    state = consolidated_state_dict(tag_dir)
     if use_ema:
         ema_file = tag_dir / "ema.pt"
         if not ema_file.is_file():
@@ -145,28 +145,16 @@ def _read_deepspeed(tag_dir: Path, use_ema: bool) -> Checkpoint:
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     run_config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
     classes = meta.get("classes")
-    if classes is None and run_config and meta.get("classes_sha"):
-        # A run saved before meta.json listed its classes: its training shards still do.
-        from cvtkit.train.data import dataset_classes
-        listed = dataset_classes(run_config["data"]["train"], run_config["data"].get("train_split", "train"))
-        if listed and _classes_sha(listed) == meta["classes_sha"]:
-            classes = listed
     metadata = {"model_name": meta.get("model"), "num_classes": meta.get("num_classes"),
                 "classes": classes, "step": meta.get("step"), "zero_stage": meta.get("zero_stage"),
                 "res": meta.get("res"), "run_config": run_config, "use_ema": use_ema}
     return Checkpoint(state, "deepspeed", tag_dir, metadata)
 
 
-def _classes_sha(classes: list[str]) -> str:
-    import hashlib
-    return hashlib.sha256("\n".join(classes).encode()).hexdigest()[:16]
-
-
 def read_checkpoint(path: str | Path, use_ema: bool = False) -> Checkpoint:
     """Read weights from any supported format; returns them under the official names."""
     path = Path(path)
     if path.is_dir():
-        from cvtkit.train.checkpoint import ResumeError, find_tag_folder
         try:
             tag_dir = find_tag_folder(path)
         except ResumeError as e:
@@ -178,7 +166,7 @@ def read_checkpoint(path: str | Path, use_ema: bool = False) -> Checkpoint:
     if file.suffix == ".safetensors":
         try:
             raw: object = load_file(file)
-        except Exception as e:  # noqa: BLE001
+        except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
         meta_file = file.parent / EXPORT_META
         if meta_file.is_file():

@@ -1,5 +1,6 @@
-"""The training engine: run config, DeepSpeed loop, checkpoints, schedule, metrics."""
-from .config import RunConfig
-from .trainer import EXIT_REQUEUE, Trainer, evaluate
+"""The training engine: run config, DeepSpeed loop, checkpoints, schedule, validation, metrics."""
+from .run_config import RunConfig
+from .trainer import EXIT_REQUEUE, Trainer
+from .validation import validate
 
-__all__ = ["RunConfig", "Trainer", "EXIT_REQUEUE", "evaluate"]
+__all__ = ["RunConfig", "Trainer", "EXIT_REQUEUE", "validate"]

@@ -1,20 +1,25 @@
-"""What the training entry points share: arguments, logging, one-line errors, exit codes."""
+"""The training entry points: arguments, logging, one-line errors, exit codes.
+
+    cvtkit-pretrain --config configs/pretrain/<recipe>.yaml [--set key=value ...]
+    cvtkit-finetune --config configs/finetune/<recipe>.yaml --pretrained PATH [--set ...]
+
+(`python pretrain/train.py` and `python finetune/finetune.py` are the same.) Exit codes: 0 done,
+75 stopped by a signal after saving (the launcher requeues), 2 bad input, 1 the run failed on its
+data or numbers. A user's mistake (`CvtkitError`) is one line; anything else is a bug and keeps
+its traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
-from typing import Callable
 
-from cvtkit.config import ConfigError, add_config_args, load_config
-from cvtkit.data.wds_loader import DamagedData
+from cvtkit.config_loader import add_config_args, load_config
+from cvtkit.errors import CvtkitError
 
-from .checkpoint import ResumeError
-from .config import RunConfig
-from .trainer import NonFiniteLoss, Trainer
-
-EXIT_USAGE = 2
+from .run_config import RunConfig
+from .trainer import Trainer
 
 
 def quiet_libraries() -> None:
@@ -24,31 +29,35 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_training(argv: list[str] | None, description: str,
-                 extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
-                 adjust: Callable[[RunConfig, argparse.Namespace], Callable | None] | None = None) -> int:
-    """Parse `--config/--set` (plus `extra_args`), validate, train. Returns the exit code:
-    0 done, 75 stopped by a signal after saving (requeue), 2 bad input, 1 training failed."""
+def run_training(argv: list[str] | None, description: str, finetune: bool = False) -> int:
+    """Parse `--config/--set` (and fine-tuning's `--pretrained PATH`, which sets `init.pretrained`),
+    validate, train; returns the exit code."""
     parser = argparse.ArgumentParser(description=description)
     add_config_args(parser)
     # The deepspeed launcher passes --local_rank; the rank comes from the environment (cvtkit.dist).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    if extra_args is not None:
-        extra_args(parser)
+    if finetune:
+        parser.add_argument("--pretrained", metavar="PATH",
+                            help="weights to start from (init.pretrained): a pretraining run folder or "
+                                 "checkpoint (any ZeRO stage), an export, an official CvT/CeiT or "
+                                 "HuggingFace checkpoint")
     args = parser.parse_args(argv)
     quiet_libraries()
     try:
         cfg = load_config(RunConfig, args.config, args.overrides)
-        prepare = adjust(cfg, args) if adjust is not None else None
-        return Trainer(cfg, prepare_model=prepare).fit()
-    except (ConfigError, ResumeError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    except (NonFiniteLoss, OSError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except DamagedData as e:
-        # From a loader worker, DataLoader re-raises it with the worker's traceback in the message;
-        # its last line is the original one.
-        print(f"error: {str(e).strip().splitlines()[-1].split('DamagedData: ')[-1]}", file=sys.stderr, flush=True)
-        return 1
+        if getattr(args, "pretrained", None):
+            cfg.init.pretrained = args.pretrained
+        return Trainer(cfg, require_pretrained=finetune).fit()
+    except CvtkitError as e:
+        print(f"error: {e.one_line()}", file=sys.stderr, flush=True)
+        return e.exit_code
+
+
+def pretrain_main(argv: list[str] | None = None) -> int:
+    """Pretrain a model from shards; resumes from the run folder's latest checkpoint."""
+    return run_training(argv, description=pretrain_main.__doc__)
+
+
+def finetune_main(argv: list[str] | None = None) -> int:
+    """Fine-tune pretrained weights (`--pretrained`); the 22k head becomes the data's by synset."""
+    return run_training(argv, description=finetune_main.__doc__, finetune=True)

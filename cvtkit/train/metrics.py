@@ -8,15 +8,23 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) by device name; MFU is left out where unknown.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets
+# (docs/recipes.md#peak-figures-used-for-mfu), matched against the device name in this order:
+# "H100 PCIe" before "H100". Training's MFU and the benchmark's both divide by these.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12),
+                   ("L40S", 362e12), ("A10G", 70e12))
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its name (`torch.cuda.get_device_name`); None where unknown."""
+    return next((v for key, v in PEAK_BF16_FLOPS if key in device_name), None)
 
 
 def device_peak_flops(device: torch.device) -> float | None:
+    """MFU's denominator for `device`; None on CPU and on GPUs not in the table (MFU is left out)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return peak_flops(torch.cuda.get_device_name(device))
 
 
 def peak_memory_gib(device: torch.device) -> float:

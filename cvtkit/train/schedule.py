@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import ScheduleConfig
+from .run_config import ScheduleConfig
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,16 @@ job: the run folder holds the checkpoint, and the restarted job resumes from it.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
 
 import submitit
 
-ENTRIES = {"pretrain": "pretrain/train.py", "finetune": "finetune/finetune.py"}
-REPO = Path(__file__).resolve().parents[2]
+from .cli import finetune_main, pretrain_main
+
+ENTRIES = {"pretrain": pretrain_main, "finetune": finetune_main}
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -25,12 +27,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(submitit.JobEnvironment().num_tasks //
                                                       max(1, submitit.JobEnvironment().num_nodes)))
-        sys.path.insert(0, str(REPO))
-        if entry == "finetune":
-            from finetune.finetune import main
-        else:
-            from pretrain.train import main
-        return main(list(argv))
+        return ENTRIES[entry](list(argv))
 
     def checkpoint(self, entry: str, argv: list[str]) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(TrainJob(), entry, argv)
@@ -53,3 +50,39 @@ def submit(entry: str, argv: list[str], folder: str, nodes: int, gpus_per_node: 
             params["slurm_partition"] = partition
     executor.update_parameters(**params)
     return executor.submit(TrainJob(), entry, argv)
+
+
+def submit_main(argv: list[str] | None = None) -> int:
+    """`python slurm/submit.py` (`cvtkit-submit`): arguments after `--` go to the entry point."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description="Submit pretraining or fine-tuning through submitit")
+    p.add_argument("--entry", choices=sorted(ENTRIES), default="pretrain")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--tasks-per-node", type=int, help="default: one per GPU")
+    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--mem-gb", type=int)
+    p.add_argument("--partition")
+    p.add_argument("--timeout-min", type=int, default=24 * 60)
+    p.add_argument("--cluster", choices=["slurm", "local", "debug"], help="default: slurm when available")
+    p.add_argument("--folder", default="submitit_logs/%j")
+    p.add_argument("--wait", action="store_true", help="wait for the job and return its exit code")
+    args = p.parse_args(argv)
+    if not Path(args.config).is_file():
+        print(f"error: --config {args.config}: no such file", file=sys.stderr)
+        return 2
+    entry_argv = ["--config", args.config] + (["--set", *args.overrides] if args.overrides else []) + extra
+    job = submit(args.entry, entry_argv, args.folder, args.nodes, args.gpus_per_node, args.tasks_per_node,
+                 args.partition, args.timeout_min, args.cpus_per_task, args.cluster, mem_gb=args.mem_gb)
+    print(f"submitted job {job.job_id}; logs in {Path(str(job.paths.folder))}", flush=True)
+    if not args.wait:
+        return 0
+    codes = job.results()
+    code = max(int(c or 0) for c in codes)
+    print(f"job {job.job_id} finished with {codes}")
+    return code
+

@@ -18,10 +18,12 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
+from cvtkit.errors import CvtkitError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(CvtkitError, ValueError):
     """An invalid config; the message is one line naming the source and the key."""
 
 
@@ -144,7 +146,9 @@ def _build(schema: type[T], data: dict, prefix: str = "") -> T:
 def parse_overrides(items: Sequence[str]) -> dict:
     """`["optim.lr=1e-3", "model.name=cvt_13"]` -> `{"optim": {"lr": 0.001}, "model": {...}}`.
 
-    Values are read as YAML, so `true`, `[1, 2]` and `null` work."""
+    Values are read as YAML, so `true`, `[1, 2]` and `null` work. A mapping value replaces the
+    section it names (`model.options={depth: 3}` drops the file's other options), while dotted keys
+    change one key each (`model.options.depth=3` keeps them)."""
     tree: dict = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -156,14 +160,20 @@ def parse_overrides(items: Sequence[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part} is set both as a value and a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = _Replace(value) if isinstance(value, dict) else value
     return tree
+
+
+class _Replace(dict):
+    """A mapping given whole on the command line: it replaces, not merges into, the file's section."""
 
 
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        merge = isinstance(v, dict) and not isinstance(v, _Replace) and isinstance(out.get(k), dict)
+        out[k] = _merge(out[k], v) if merge else (dict(v) if isinstance(v, _Replace) else v)
     return out
 
 

@@ -12,33 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cvtkit.config import require
-from cvtkit.data.transforms import AugmentConfig
+from cvtkit.config_loader import require
+from cvtkit.data.loaders import DataConfig
 from cvtkit.models.factory import ModelConfig
-
-
-@dataclass
-class DataConfig:
-    """Where the images are and how they are batched."""
-    format: Literal["wds", "ffcv"] = "wds"
-    train: str = ""  # wds: a shard folder with _info.json (or URL prefix); ffcv: a .beton file
-    train_split: str = "train"
-    val: str | None = None  # as `train`; None: no validation
-    val_split: str = "validation"
-    res: int = 224
-    eval_res: int | None = None  # None: `res`
-    batch_size: int = 256  # global
-    eval_batch: int = 64  # per rank
-    workers: int = 4  # per rank
-    shuffle_buffer: int = 2000
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-    def __post_init__(self):
-        require(bool(self.train), "train", "a shard folder or .beton path", self.train)
-        require(self.res > 0, "res", "a positive resolution", self.res)
-        require(self.batch_size > 0, "batch_size", "a positive global batch", self.batch_size)
-        require(self.eval_batch > 0, "eval_batch", "a positive batch", self.eval_batch)
-        require(self.workers >= 0, "workers", ">= 0", self.workers)
 
 
 @dataclass
@@ -89,7 +65,8 @@ class EngineConfig:
     dist_timeout_s: int = 600  # collectives give up after this long (a lost rank ends the job)
     seed: int = 0
     max_nonfinite: int = 3  # consecutive non-finite losses before the run stops
-    # eval: the model stays in eval() while it trains, as DeiT/CeiT fine-tuning does (SPEC C8):
+    # eval: the model stays in eval() while it trains, as DeiT/CeiT fine-tuning does
+    # (docs/recipes.md#ceit-fine-tuning-at-384):
     # BatchNorm keeps its pretrained statistics, drop path and dropout are off.
     train_mode: Literal["train", "eval"] = "train"
 

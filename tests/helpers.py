@@ -1,9 +1,12 @@
-"""Launch real training processes for the tests: N ranks as N processes with the variables a
-launcher exports (as srun or torchrun would), on tiny learnable shards."""
+"""What the tests share: tiny architectures, tiny learnable shards, real training processes (N
+ranks as N processes with the variables a launcher exports, as srun or torchrun would), a real
+local Slurm, and the rule for tests that cannot run on this machine."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,16 +14,33 @@ import time
 from pathlib import Path
 
 import fake_imagenet as fake
+import pytest
 import torch
 
 from cvtkit.dist import launch_local
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
+# Tiny architectures with the real structure: a few stages of width 16-64.
+TINY_CVT = dict(dims=(16, 32, 64), heads=(1, 2, 2), depths=(1, 1, 2))
+TINY_CEIT = dict(embed_dim=32, num_heads=2, depth=3, img_size=32)
+
+
+def cannot_run(reason: str) -> None:
+    """For a test that needs what this machine may lack (root, a local Slurm): it skips with the
+    reason, except in CI (`CVTKIT_NO_SKIP=1`, set by .ci/run), where everything must run and a
+    skip would hide a regression, so it fails."""
+    if os.environ.get("CVTKIT_NO_SKIP"):
+        pytest.fail(f"{reason} (CVTKIT_NO_SKIP is set: this test must run here)")
+    pytest.skip(reason)
+
 
 
 def make_tiny_shards(root: Path, per_class=16, val_per_class=4, shard_samples=20,
                      synsets=fake.SYNSETS) -> str:
+    """Shards of coloured classes a tiny model learns in a few steps. By default 4 synsets x 16 =
+    64 training samples in 4 shards of at most 20, and 4 x 4 = 16 validation samples; with the tiny
+    config's global batch 16 that is 64 / 16 = 4 steps per epoch, 16 steps for its 4 epochs."""
     from cvtkit.data.prep import PrepOptions, run
     src = fake.make_colour_classes(root / "src", per_class=per_class, val_per_class=val_per_class,
                                    synsets=synsets)
@@ -121,3 +141,57 @@ def job_field(job_id: str, field: str) -> str:
     """A field of `scontrol show job` (JobState, Restarts, ...); GONE once Slurm forgot the job."""
     out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     return next((w.split("=", 1)[1] for w in out.split() if w.startswith(f"{field}=")), "GONE")
+
+
+# ---------------------------------------------------------------- a real local Slurm
+
+def _local_cluster_nodes(script: str) -> int | None:
+    """Nodes of the running cluster that slurm/local_cluster.sh started, 0 for a cluster it did
+    not start, None when no Slurm answers."""
+    proc = subprocess.run([script, "status"], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        return None
+    found = re.match(r"local_cluster: (\d+) node", proc.stdout)
+    return int(found.group(1)) if found else 0
+
+
+def local_slurm(nodes: int):
+    """A real Slurm of `nodes` nodes on this machine (slurm/local_cluster.sh), for a fixture to
+    yield from: started if it is not running (switching from another node count: the cluster
+    that ran before comes back afterwards), stopped afterwards if nothing ran before. Where Slurm
+    cannot run, the test skips (fails in CI) and says why."""
+    if shutil.which("sbatch") is None or shutil.which("slurmctld") is None:
+        cannot_run("Slurm is not installed (make setup installs slurmctld slurmd slurm-client munge)")
+    script = str(REPO / "slurm" / "local_cluster.sh")
+    before = _local_cluster_nodes(script)
+    if before == nodes or (before == 0 and nodes == 1):  # a cluster of one's own serves one node
+        yield
+        return
+    if before == 0:
+        cannot_run(f"a Slurm that slurm/local_cluster.sh did not start is running; the {nodes}-node "
+                    f"tests need the local one (stop yours first)")
+    if os.geteuid() != 0:
+        cannot_run("starting the local Slurm cluster needs root")
+    if before is not None:  # switching kills every job: let the ones there finish first
+        deadline = time.time() + 60
+        while queued := subprocess.run(["squeue", "-h", "-t", "PENDING,RUNNING,SUSPENDED"],
+                                       capture_output=True, text=True).stdout.strip():
+            if time.time() > deadline:
+                pytest.fail(f"the local {before}-node Slurm still has jobs after 60 s; not switching "
+                            f"it to {nodes} nodes under them:\n{queued}")
+            time.sleep(2)
+
+    def start(n: int) -> None:
+        proc = subprocess.run([script, "start", *(["--nodes", str(n)] if n > 1 else [])],
+                              capture_output=True, text=True, timeout=180)
+        if proc.returncode != 0:
+            cannot_run(f"local Slurm ({n} node(s)) did not start: {proc.stderr.strip()}")
+
+    try:
+        start(nodes)
+        yield
+    finally:  # also after a failed start: leave no half-built cluster behind
+        if before is None:
+            subprocess.run([script, "stop"], capture_output=True, timeout=120)
+        else:
+            start(before)

@@ -1,4 +1,4 @@
-"""Evaluation sets decoded with PIL and the official transform (SPEC B5), each sample once across
+"""Evaluation sets decoded with PIL and the official transform (docs/evaluation.md), each sample once across
 ranks (rank r takes samples r, r + world, ...), as uint8 batches `[B, 3, S, S]` with labels:
 
 - an image folder in ImageFolder's layout (`root/<synset>/*.JPEG`, e.g. ImageNet's `val/`);
@@ -17,10 +17,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from cvtkit.data.transforms import eval_transform
+from cvtkit.errors import CvtkitError
 from cvtkit.models.factory import EvalConfig
 
+from .transforms import eval_transform
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class EvalDataError(CvtkitError):
+    """An image folder or `.beton` file that cannot be evaluated on as it is."""
 
 
 def folder_classes(root: str | Path) -> list[str]:
@@ -37,12 +43,12 @@ class FolderImages(Dataset):
         root = Path(root)
         found = folder_classes(root)
         if not found:
-            raise FileNotFoundError(f"{root}: no class folders (expected {root}/<synset>/*.JPEG)")
+            raise EvalDataError(f"{root}: no class folders (expected {root}/<synset>/*.JPEG)")
         self.classes = classes if classes is not None else found
         index = {c: i for i, c in enumerate(self.classes)}
         unknown = [c for c in found if c not in index]
         if unknown:
-            raise ValueError(f"{root}: class folders the model has no class for: {', '.join(unknown[:5])}"
+            raise EvalDataError(f"{root}: class folders the model has no class for: {', '.join(unknown[:5])}"
                              + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
         items = [(str(f), index[c]) for c in found for f in sorted((root / c).iterdir())
                  if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -69,7 +75,7 @@ class BetonImages(Dataset):
         reader = Reader(self.path)
         kinds = {type(h): i for i, h in enumerate(reader.handlers.values())}
         if RGBImageField not in kinds or IntField not in kinds:
-            raise ValueError(f"{path}: expected an RGBImageField and an IntField "
+            raise EvalDataError(f"{path}: expected an RGBImageField and an IntField "
                              f"(fields: {', '.join(reader.field_names)})")
         self.images = reader.metadata[f"f{kinds[RGBImageField]}"]
         self.labels = reader.metadata[f"f{kinds[IntField]}"]

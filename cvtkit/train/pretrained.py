@@ -1,7 +1,7 @@
-"""Starting a fine-tuning run from pretrained weights: what finetune/finetune.py adds to the engine.
+"""Starting a run from pretrained weights (`init.pretrained`, fine-tuning's starting point).
 
-The engine builds the model from the run config, then, on a fresh run (a resume skips this),
-calls `init_from_pretrained(model, cfg)` before DeepSpeed wraps it:
+The trainer builds the model from the run config, then, on a fresh run (a resume skips this),
+calls `load_pretrained_init(...)` before DeepSpeed wraps it:
 1. rank 0 reads `init.pretrained` with `read_checkpoint` (a pretraining run folder or checkpoint
    of any ZeRO stage, consolidated by DeepSpeed's zero_to_fp32; an export; an official CvT/CeiT
    or HuggingFace file), takes the EMA weights with `init.use_ema`, turns the classifier into
@@ -14,29 +14,28 @@ calls `init_from_pretrained(model, cfg)` before DeepSpeed wraps it:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cvtkit.config import ConfigError
+from cvtkit.checkpoint import write_text_atomic
+from cvtkit.data.shard_info import folder_synsets
+from cvtkit.device import any_rank
 from cvtkit.models.heads import HEAD_KEYS, describe_missing, map_head
 from cvtkit.models.weights import (Checkpoint, CheckpointError, checkpoint_classes,
                                    load_state_dict_checked, read_checkpoint)
-from cvtkit.train.checkpoint import any_rank, latest_complete, write_text_atomic
-from cvtkit.train.config import DataConfig, InitConfig, RunConfig
-from cvtkit.train.data import dataset_classes
+
+from .run_config import InitConfig
 
 log = logging.getLogger("cvtkit.finetune")
 
 # Official checkpoints do not list their classes; with these row counts they are the sorted
-# synsets (notes/ecosystem.md 1.5: fall11's 21,841, and ImageNet-1k), as our shards are.
+# synsets (fall11's 21,841, and ImageNet-1k's 1,000), as our shards are.
 _STANDARD = {21841: "imagenet-22k", 1000: "imagenet-1k"}
 
 
@@ -47,20 +46,11 @@ def standard_classes(rows: int) -> list[str] | None:
     return list(ImageNetInfo(_STANDARD[rows]).label_names())
 
 
-def finetune_classes(data: DataConfig, num_classes: int) -> list[str] | None:
-    """The synsets of the fine-tuning data, in label order: the shards' `_info.json`, the one
-    beside a `.beton` file, or ImageNet-1k's sorted synsets for a 1,000-class `.beton`."""
-    if data.format == "wds":
-        return dataset_classes(data.train, data.train_split)
-    beside = dataset_classes(str(Path(data.train).parent))
-    return beside if beside is not None else (standard_classes(1000) if num_classes == 1000 else None)
-
-
 def pretrained_classes(ckpt: Checkpoint, init: InitConfig, rows: int) -> list[str] | None:
     classes = checkpoint_classes(ckpt)
     source = str(ckpt.path)
     if classes is None and init.classes_from:
-        classes, source = dataset_classes(init.classes_from), init.classes_from
+        classes, source = folder_synsets(init.classes_from), init.classes_from
         if classes is None:
             raise FileNotFoundError(f"init.classes_from: {init.classes_from}: no _info.json with a class list")
     if classes is None and rows in _STANDARD:
@@ -107,17 +97,17 @@ def initial_state(model: nn.Module, init: InitConfig, dst_classes: list[str] | N
     return model.state_dict(), record
 
 
-def init_from_pretrained(model: nn.Module, cfg: RunConfig) -> None:
-    """The engine's `prepare_model` hook for fine-tuning (called on every rank; see the module
-    docstring). Errors are agreed across ranks, and raised on all of them."""
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    run_dir = Path(cfg.out_dir) / cfg.name
+def load_pretrained_init(model: nn.Module, init: InitConfig, dst_classes: list[str] | None, run_dir: Path,
+                         rank: int, world: int) -> None:
+    """Load `init.pretrained` into `model` on every rank (see the module docstring); `dst_classes`:
+    the synsets of the run's data. Errors are agreed across ranks, and raised on all of them."""
     staged = run_dir / "init" / "weights.safetensors"
+    if dst_classes is None and model.num_classes == 1000:  # a 1k .beton without a class list
+        dst_classes = standard_classes(1000)
     failure: Exception | None = None
     if rank == 0:
         try:
-            state, record = initial_state(model, cfg.init, finetune_classes(cfg.data, cfg.model.num_classes))
+            state, record = initial_state(model, init, dst_classes)
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(run_dir / "init.json", json.dumps(record, indent=1) + "\n")
             if world > 1:
@@ -128,7 +118,7 @@ def init_from_pretrained(model: nn.Module, cfg: RunConfig) -> None:
     if any_rank(failure is not None):
         if failure is not None:
             raise failure
-        raise CheckpointError(f"reading {cfg.init.pretrained} failed on rank 0 (its output says why)")
+        raise CheckpointError(f"reading {init.pretrained} failed on rank 0 (its output says why)")
     if rank != 0:
         from safetensors.torch import load_file
         load_state_dict_checked(model, load_file(staged), strict=True, source=str(staged),
@@ -155,26 +145,3 @@ def _save_staged(state: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
     os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------- the entry point's additions
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pretrained", metavar="PATH",
-                        help="weights to start from (overrides init.pretrained): a pretraining run "
-                             "folder or checkpoint (any ZeRO stage), an export, an official CvT/CeiT "
-                             "or HuggingFace checkpoint")
-
-
-def adjust(cfg: RunConfig, args: argparse.Namespace) -> Callable[[nn.Module, RunConfig], None]:
-    """`--pretrained` into the config, checked before any process starts; returns the hook."""
-    if args.pretrained:
-        cfg.init.pretrained = args.pretrained
-    resuming = latest_complete(Path(cfg.out_dir) / cfg.name / "checkpoints") is not None
-    if not resuming:
-        if not cfg.init.pretrained:
-            raise ConfigError("init.pretrained: expected the weights to fine-tune "
-                              "(--pretrained PATH or --set init.pretrained=PATH)")
-        if not Path(cfg.init.pretrained).exists():
-            raise FileNotFoundError(f"--pretrained {cfg.init.pretrained}: no such file or folder")
-    return init_from_pretrained

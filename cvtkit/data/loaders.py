@@ -1,0 +1,110 @@
+"""The loaders of a run, from its `data:` section: webdataset shards or ffcv files for training,
+and each validation sample once across ranks. Loaders deliver uint8 `[B, 3, S, S]` with labels;
+`cvtkit.data.device_batch` does the rest on the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cvtkit.config_loader import require
+from cvtkit.models.factory import EvalConfig
+
+from .shard_info import ShardFolderError, ShardInfo
+from .transforms import AugmentConfig, eval_transform, min_decode_side, train_transform
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are batched (the `data:` section of a run config)."""
+    format: Literal["wds", "ffcv"] = "wds"
+    train: str = ""  # wds: a shard folder with _info.json (or URL prefix); ffcv: a .beton file
+    train_split: str = "train"
+    val: str | None = None  # as `train`; None: no validation
+    val_split: str = "validation"
+    res: int = 224
+    eval_res: int | None = None  # None: `res`
+    batch_size: int = 256  # global
+    eval_batch: int = 64  # per rank
+    workers: int = 4  # per rank
+    shuffle_buffer: int = 2000
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        require(bool(self.train), "train", "a shard folder or .beton path", self.train)
+        require(self.res > 0, "res", "a positive resolution", self.res)
+        require(self.batch_size > 0, "batch_size", "a positive global batch", self.batch_size)
+        require(self.eval_batch > 0, "eval_batch", "a positive batch", self.eval_batch)
+        require(self.workers >= 0, "workers", ">= 0", self.workers)
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What a run's data folders say, read once per start: the `_info.json` of the training and
+    validation shards (None for ffcv files), and the training classes."""
+    cfg: DataConfig
+    train_info: ShardInfo | None
+    val_info: ShardInfo | None
+    synsets: list[str] | None  # training class index -> synset, where known
+
+    @classmethod
+    def open(cls, cfg: DataConfig) -> "RunData":
+        """One-line errors for missing data, before any process group or model is built."""
+        if cfg.format == "ffcv":
+            for key in ("train", "val"):
+                path = getattr(cfg, key)
+                if path is not None and not Path(path).is_file():
+                    raise ShardFolderError(f"data.{key}: {path}: no such .beton file")
+            beside = Path(cfg.train).parent
+            synsets = ShardInfo.read(str(beside)).synsets if (beside / "_info.json").is_file() else None
+            return cls(cfg, None, None, synsets)
+        train = _read(cfg.train, "train")
+        val = None if cfg.val is None else (train if cfg.val == cfg.train else _read(cfg.val, "val"))
+        train.split(cfg.train_split)  # a missing split or shard fails here, not in a worker
+        return cls(cfg, train, val, train.synsets)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.train_info.num_classes if self.train_info is not None else None
+
+    def train_loader(self, micro_batch: int, rank: int, world_size: int, seed: int):
+        cfg = self.cfg
+        if cfg.format == "ffcv":
+            from .ffcv_loader import FfcvLoader
+            return FfcvLoader(cfg.train, micro_batch, cfg.res, rank, world_size, cfg.workers, seed,
+                              train=True, augment=cfg.augment)
+        from .wds_loader import WdsLoader
+        return WdsLoader(self.train_info.split(cfg.train_split), micro_batch, rank, world_size, cfg.workers,
+                         seed, transform=train_transform(cfg.augment, cfg.res, normalize=False), train=True,
+                         shuffle_buffer=cfg.shuffle_buffer, decode_min_side=min_decode_side(cfg.res, cfg.augment))
+
+    def val_loader(self, eval_cfg: EvalConfig, rank: int, world_size: int):
+        cfg = self.cfg
+        if cfg.format == "ffcv":
+            return eval_loader_beton(cfg.val, eval_cfg, cfg.eval_batch, rank, world_size, cfg.workers)
+        return eval_loader_wds(self.val_info, cfg.val_split, eval_cfg, cfg.eval_batch, rank, world_size,
+                               cfg.workers)
+
+
+def _read(path: str, key: str) -> ShardInfo:
+    try:
+        return ShardInfo.read(path)
+    except ShardFolderError as e:
+        raise ShardFolderError(f"data.{key}: {e}") from None
+
+
+def eval_loader_wds(info: ShardInfo, split: str, eval_cfg: EvalConfig, batch: int, rank: int,
+                    world_size: int, workers: int):
+    """Each sample of a shard split once across ranks, with the official transform of `eval_cfg`."""
+    from .wds_loader import WdsLoader
+    return WdsLoader(info.split(split), batch, rank, world_size, workers,
+                     transform=eval_transform(eval_cfg, normalize=False), train=False,
+                     decode_min_side=min_decode_side(eval_cfg.input_size, eval_cfg=eval_cfg))
+
+
+def eval_loader_beton(path: str, eval_cfg: EvalConfig, batch: int, rank: int, world_size: int, workers: int):
+    """The stored images of a `.beton` through PIL and the official transform: ffcv's decoders
+    resize with OpenCV and cannot warp to a square (CvT at 384), see `eval_sets`."""
+    from .eval_sets import beton_eval_loader
+    return beton_eval_loader(path, eval_cfg, batch, rank, world_size, workers)

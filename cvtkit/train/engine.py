@@ -1,0 +1,80 @@
+"""DeepSpeed from the run config: the process group, the batch plan for this world size, the
+DeepSpeed config and the optimizer."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from cvtkit.config_loader import ConfigError
+from cvtkit.device import backend_for, local_device
+from cvtkit.dist import DistEnv, free_port
+from cvtkit.models.factory import weight_decay_groups
+
+from .run_config import RunConfig
+
+
+def init_distributed(env: DistEnv, timeout_s: int) -> tuple[torch.device, int, int]:
+    """Start the process group (one process gets a port of its own); returns (device, rank, world)."""
+    import deepspeed
+    if env.launcher == "single" and "MASTER_PORT" not in os.environ:
+        env = DistEnv(0, 0, 1, "127.0.0.1", free_port(), "single")
+    env.export()
+    device = local_device(env.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend=backend_for(device), timeout=datetime.timedelta(seconds=timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks share the machine's cores; oversubscribed OpenMP threads spin for seconds.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    return device, rank, world
+
+
+def batch_plan(cfg: RunConfig, world: int) -> tuple[int, int]:
+    """(micro batch per rank, accumulation steps) for the global batch on `world` ranks."""
+    micro = cfg.engine.micro_batch or cfg.data.batch_size // world
+    if micro == 0 or cfg.data.batch_size % (micro * world):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not engine.micro_batch={micro} x "
+                          f"accumulation x {world} ranks; choose a global batch divisible by "
+                          f"{micro * world} or another engine.micro_batch")
+    augment = cfg.data.augment
+    if augment.kind != "none" and (augment.mixup_alpha > 0 or augment.cutmix_alpha > 0) and micro % 2:
+        raise ConfigError(f"engine.micro_batch={micro}: Mixup/CutMix pair images, so the per-rank "
+                          f"batch must be even")
+    return micro, cfg.data.batch_size // (micro * world)
+
+
+def deepspeed_config(cfg: RunConfig, micro: int, accum: int, universal: bool) -> dict:
+    e = cfg.engine
+    config = {
+        "train_batch_size": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": e.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "checkpoint": {"load_universal": universal},
+    }
+    if e.precision == "bf16":
+        # A non-finite gradient skips the update, as fp16's loss scaler does.
+        config["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    elif e.precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000,
+                          "hysteresis": 2, "min_loss_scale": 1}
+    return config
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA) or SGD over the official weight-decay groups."""
+    o = cfg.optim
+    groups = weight_decay_groups(model, o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **fused)
