@@ -17,7 +17,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import pickle
 import re
 import zipfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from cvtkit.atomic import atomic_open
 from cvtkit.errors import CvtkitError
 
 log = logging.getLogger(__name__)
@@ -51,22 +51,9 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def torch_save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:

@@ -6,13 +6,21 @@ training code is the real one; only the moments chosen below are intercepted.
                                          (e.g. `optim_states`, written by DeepSpeed, or `COMPLETE`)
     CVTKIT_DUMP_LOADED=PATH              build the run as training would (resuming from the run
                                          folder), write the whole live model state (its dtypes)
-                                         to PATH (rank 0, gathered under ZeRO-3) and exit
+                                         to PATH (rank 0, gathered under ZeRO-3), and each rank's
+                                         next random draws (torch, numpy, python) to PATH.rankR,
+                                         and exit
+    CVTKIT_PLANT_NAN=STEP                make rank 0's first fp32 master element NaN just before
+                                         the save of step STEP (as a diverging update would)
+    CVTKIT_DUMP_BUFFERS=PATH             after training, each rank writes its module's buffers to
+                                         PATH.rankR
 """
 import os
+import random
 import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cvtkit.checkpoint import tag_for
@@ -64,13 +72,45 @@ def dump_loaded(argv: list[str], out: str) -> int:
         state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     if trainer.rank == 0:
         torch.save({"step": trainer.step, "state": state}, out)
+    draws = {"torch": torch.rand(16), "numpy": torch.from_numpy(np.random.rand(16)),
+             "python": torch.tensor([random.random() for _ in range(16)])}
+    torch.save(draws, f"{out}.rank{trainer.rank}")
     torch.distributed.barrier()
     return 0
+
+
+def plant_nan(step: int) -> None:
+    from cvtkit.train.state import master_fragments
+    from cvtkit.train.trainer import Trainer
+    real_save = Trainer._save
+
+    def save(self):
+        if self.step == step and self.rank == 0:
+            fragment = next(f for f in master_fragments(self.engine.module).values() if f is not None)
+            with torch.no_grad():
+                fragment.values.view(-1)[0] = float("nan")
+        return real_save(self)
+    Trainer._save = save
+
+
+def dump_buffers(out: str) -> None:
+    from cvtkit.train.trainer import Trainer
+    real_train = Trainer.train
+
+    def train(self, signals):
+        code = real_train(self, signals)
+        torch.save({k: v.detach().clone() for k, v in self.engine.module.named_buffers()}, f"{out}.rank{self.rank}")
+        return code
+    Trainer.train = train
 
 
 if __name__ == "__main__":
     if os.environ.get("CVTKIT_KILL_AT_SAVE"):
         kill_at_save(os.environ["CVTKIT_KILL_AT_SAVE"])
+    if os.environ.get("CVTKIT_PLANT_NAN"):
+        plant_nan(int(os.environ["CVTKIT_PLANT_NAN"]))
+    if os.environ.get("CVTKIT_DUMP_BUFFERS"):
+        dump_buffers(os.environ["CVTKIT_DUMP_BUFFERS"])
     if os.environ.get("CVTKIT_DUMP_LOADED"):
         sys.exit(dump_loaded(sys.argv[1:], os.environ["CVTKIT_DUMP_LOADED"]))
     sys.exit(pretrain_main())

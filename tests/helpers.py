@@ -88,13 +88,16 @@ def train(run_root: Path, shards: str, overrides: list[str] = (), nproc: int = 2
 
 def dump_loaded(run_root: Path, shards: str, overrides: list[str] = (), nproc: int = 2) -> dict:
     """The live model state of a run built as training would build it, resuming from
-    its run folder, without training a step (tests/fault_train.py)."""
+    its run folder, without training a step (tests/fault_train.py); `draws`: each rank's next
+    random numbers (torch, numpy, python) after the resume."""
     out = Path(run_root) / f"loaded-{time.monotonic_ns()}.pt"
     codes, text = train(run_root, shards, overrides, nproc, script="tests/fault_train.py",
                         env={"CVTKIT_DUMP_LOADED": str(out)})
     assert codes == [0] * nproc, text
     dump = torch.load(out, weights_only=True)
-    out.unlink()
+    dump["draws"] = [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(nproc)]
+    for path in [out, *(Path(f"{out}.rank{r}") for r in range(nproc))]:
+        path.unlink()
     return dump
 
 

@@ -304,6 +304,7 @@ def test_slurm_array_slices_write_disjoint_shards(tmp_path):
         written.append(set(shard_bytes(out)) - before)
         assert (out / INFO_FILE).exists() == (task == 2)  # the last task writes it
     assert all(written) and not (written[0] & written[1]) and not (written[1] & written[2])
+    assert_listed_once(out, parts=3)  # the first task listed it all; the others reused its index
     assert shard_bytes(out) == shard_bytes(tmp_path / "whole")
     assert json.loads((out / INFO_FILE).read_text()) == json.loads((tmp_path / "whole" / INFO_FILE).read_text())
     proc = subprocess.run(["bash", str(REPO / "slurm" / "make_shards.sh"), *common, "--out", str(out)],
@@ -320,9 +321,20 @@ def test_shard_benchmark_prints_its_table(capsys):
     assert "24 images" in out
 
 
+def assert_listed_once(out: Path, parts: int) -> list[list[str]]:
+    """Every part of the source index (and the list of synset tars) was listed by one task only:
+    `_index/*/listed.log` has one line per stored part."""
+    [folder] = list((out / "_index").iterdir())
+    lines = [line.split() for line in (folder / "listed.log").read_text().splitlines()]
+    names = [line[0] for line in lines]
+    assert set(names) - {"units"} == {f"part-{p:05d}" for p in range(parts)}, names
+    assert len(names) == len(set(names)), names  # none twice
+    return lines
+
+
 @pytest.mark.slow
 def test_make_shards_as_a_real_slurm_array(tmp_path, slurm_cluster):
-    src = fake.make_folder22k(tmp_path / "src", per_class=8)
+    src = fake.make_tar22k(tmp_path / "fall11_whole.tar", per_class=8)
     common = ["--source", str(src), "--shard-samples", "3", "--holdout", "2"]
     subprocess.run(MAKE_SHARDS + common + ["--out", str(tmp_path / "whole"), "--quiet", "--workers", "1"],
                    check=True)
@@ -337,6 +349,9 @@ def test_make_shards_as_a_real_slurm_array(tmp_path, slurm_cluster):
     assert shard_bytes(tmp_path / "array") == shard_bytes(tmp_path / "whole")
     assert json.loads((tmp_path / "array" / INFO_FILE).read_text()) == \
         json.loads((tmp_path / "whole" / INFO_FILE).read_text())
+    lines = assert_listed_once(tmp_path / "array", parts=3)  # the tar's headers were read once
+    assert [line[0] for line in lines].count("units") == 1
+    assert {line[4].rsplit("_", 1)[1] for line in lines} <= {"0", "1", "2"}  # by the array's tasks
 
 
 def test_shards_cut_by_bytes(tmp_path):

@@ -5,6 +5,7 @@ import os
 import pickle
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -132,9 +133,22 @@ def test_one_rank_checkpoint_resumes_on_two_ranks_with_the_same_model(shards, tm
     assert codes == [EXIT_REQUEUE], out
     ckpt = tmp_path / "tiny_cpu/checkpoints"
     saved = consolidated_state_dict(ckpt / tag_for(4))
-    loaded = dump_loaded(tmp_path, shards, nproc=2)  # converted by ds_to_universal, resharded
+    # Converted ahead of the job by the command, over what a killed conversion left behind.
+    (ckpt / f"{tag_for(4)}_universal.partial").mkdir()
+    (ckpt / f"{tag_for(4)}_universal.partial" / "half-written").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "cvtkit.train.reshard", str(tmp_path / "tiny_cpu")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    universal = ckpt / f"{tag_for(4)}_universal"
+    converted_at = (universal / COMPLETE).stat().st_mtime_ns
+    assert not (ckpt / f"{tag_for(4)}_universal.partial").exists()
+    loaded = dump_loaded(tmp_path, shards, nproc=2)  # the start reuses the complete conversion
+    assert (universal / COMPLETE).stat().st_mtime_ns == converted_at
     assert loaded["step"] == 4
     assert_same_model(loaded["state"], saved)
+    # Rank 1 had no saved state: its random stream is its own, not a copy of rank 0's.
+    for kind in ("torch", "numpy", "python"):
+        assert not torch.equal(loaded["draws"][0][kind], loaded["draws"][1][kind]), kind
     codes, out = train(tmp_path, shards, [])
     assert codes == [0, 0], out
     assert "micro batch 8 x accumulation 1 x 2 ranks" in out and "approximate" in out

@@ -1,33 +1,45 @@
 """ImageNet (22k or 1k) into webdataset shards: planned deterministically, written in parallel,
 restartable, with `_info.json` (timm's format plus classes, sha256 and a report) written last.
 
-The plan (which image goes to which shard, in which order) is a pure function of the source
-listing and the options, so a restarted run recomputes it, keeps the shards already finished
-(each has a manifest entry written after its atomic rename) and writes the rest: the result is
-byte-identical to an uninterrupted run.
+The source is listed once per output folder (`source_index`: `_index/`, shared by restarts and
+array tasks); the plan (which image goes to which shard, in which order) is a pure function of
+that listing and the options (`plan`, stored beside it). A restarted run reads both, keeps the
+shards already finished (each has a manifest entry written after its atomic rename) and writes
+the rest: the result is byte-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import multiprocessing as mp
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from cvtkit.errors import CvtkitError
+
 from .images import BadImage, Resize, prepare_image
-from .shardfile import write_json_atomic, write_shard
+from .listing import Workers
+from .plan import Plan, PlannedShard, load_or_compute_plan
 from .shard_info import INFO_FILE, class_list_sha256
-from .sources import Item, Source, SourceError, iter_stream_tar_of_tars, scan
+from .shardfile import write_json_atomic, write_shard
+from .source_index import SourceIndex, open_index, survey
+from .sources import Item, Source, SourceError
+from .spool import spool
 
 MANIFEST_DIR = "_manifest"
 OPTIONS_FILE = "_options.json"
 SPOOL_DIR = "_spool"
+
+
+class OptionError(CvtkitError, ValueError):
+    """An option out of range; the message names it and what was expected."""
+
+
+class OutputError(CvtkitError):
+    """The output folder cannot be created or written."""
 
 
 @dataclass(frozen=True)
@@ -48,13 +60,18 @@ class PrepOptions:
 
     def __post_init__(self):
         if self.shard_samples <= 0:
-            raise ValueError(f"shard size: expected a positive number of samples, got {self.shard_samples}")
+            raise OptionError(f"shard size: expected a positive number of samples, got {self.shard_samples}")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality: expected 1..100, got {self.quality}")
+            raise OptionError(f"quality: expected 1..100, got {self.quality}")
         if self.holdout < 0:
-            raise ValueError(f"holdout: expected >= 0, got {self.holdout}")
+            raise OptionError(f"holdout: expected >= 0, got {self.holdout}")
+        if self.workers < 1:
+            raise OptionError(f"workers: expected >= 1, got {self.workers}")
         if self.resize:
-            Resize.parse(self.resize)
+            try:
+                Resize.parse(self.resize)
+            except ValueError as e:  # Resize.parse's own message: "resize 'x': expected ..."
+                raise OptionError(str(e)) from None
 
     def fingerprint(self) -> dict:
         """What determines the bytes of the output (workers do not)."""
@@ -86,59 +103,6 @@ class ShardResult:
     sha256: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
     converted: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _ordered_hash(seed: int, key: str) -> str:
-    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
-
-
-def plan_splits(source: Source, opts: PrepOptions) -> tuple[list[str], dict[str, list[Item]]]:
-    """Classes (sorted synsets) and the shuffled items of each split."""
-    wanted = set(opts.classes)
-    if wanted:
-        present = {i.synset for i in source.splits["train"]}
-        missing = sorted(wanted - present)
-        if missing:
-            raise SourceError(f"{source.root}: classes not in the source: {', '.join(missing[:5])}")
-    splits = {name: [i for i in items if not wanted or i.synset in wanted]
-              for name, items in source.splits.items()}
-    classes = sorted({i.synset for i in splits["train"]})
-    if "validation" not in splits and opts.holdout > 0:
-        # A fixed number per class, chosen by a seeded hash of the key: stable whatever the
-        # listing order, and the same images whatever the other options.
-        by_class: dict[str, list[Item]] = {}
-        for item in splits["train"]:
-            by_class.setdefault(item.synset, []).append(item)
-        held = set()
-        for items in by_class.values():
-            ranked = sorted(items, key=lambda i: _ordered_hash(opts.seed, i.key))
-            # At most half of a small class, so that every class keeps training images.
-            held.update(i.key for i in ranked[:min(opts.holdout, len(items) // 2)])
-        splits["validation"] = [i for i in splits["train"] if i.key in held]
-        splits["train"] = [i for i in splits["train"] if i.key not in held]
-    known = set(classes)
-    for name, items in splits.items():
-        stray = sorted({i.synset for i in items} - known)
-        if stray:
-            raise SourceError(f"{source.root}: {name} images of classes with no training images: {stray[:5]}")
-        items.sort(key=lambda i: i.key)
-        random.Random(f"{opts.seed}:{name}").shuffle(items)
-    return classes, splits
-
-
-def cut_shards(items: list[Item], opts: PrepOptions) -> list[list[Item]]:
-    shards, current, size = [], [], 0
-    for item in items:
-        full = (len(current) >= opts.shard_samples if opts.shard_bytes <= 0
-                else current and size + item.size > opts.shard_bytes)
-        if full:
-            shards.append(current)
-            current, size = [], 0
-        current.append(item)
-        size += item.size
-    if current:
-        shards.append(current)
-    return shards
 
 
 def shard_name(prefix: str, split: str, index: int) -> str:
@@ -176,7 +140,7 @@ def class_names(synsets: list[str]) -> list[str]:
     for s in synsets:
         try:
             names.append(info.label_name_to_description(s))
-        except Exception:  # noqa: BLE001 - a synset outside timm's lists keeps its id as name
+        except KeyError:  # a synset outside timm's lists keeps its id as name
             names.append(s)
     return names
 
@@ -189,8 +153,15 @@ def synset_map_1k(classes: list[str]) -> dict[str, int | None]:
     return {s: index.get(s) for s in ImageNetInfo("imagenet-1k").label_names()}
 
 
-def _check_options(out: Path, opts: PrepOptions) -> None:
-    """Refuse to mix the shards of two different jobs in one folder."""
+
+
+def _prepare_output(out: Path, opts: PrepOptions) -> None:
+    """Create the folder; refuse to mix the shards of two different jobs in it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST_DIR).mkdir(exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a read-only file system
+        raise OutputError(f"{out}: cannot create the output folder ({e.strerror})") from None
     path = out / OPTIONS_FILE
     if path.is_file():
         before = json.loads(path.read_text())
@@ -199,85 +170,79 @@ def _check_options(out: Path, opts: PrepOptions) -> None:
                           if before.get(k) != opts.fingerprint().get(k))
             raise SourceError(f"{out}: holds shards made with other options ({', '.join(diff)}); "
                               f"use another --out or empty it")
-    else:
+        return
+    try:
         write_json_atomic(path, opts.fingerprint())
+    except PermissionError as e:
+        raise OutputError(f"{out}: cannot write in the output folder ({e.strerror})") from None
 
 
-def run(opts: PrepOptions, progress: bool = True, task_index: int = 0, num_tasks: int = 1) -> dict | None:
+def _finished(out: Path, names: list[str]) -> list[bool]:
+    """Which shards are done: renamed into place and recorded (one listing of each folder)."""
+    files, entries = set(os.listdir(out)), set(os.listdir(out / MANIFEST_DIR))
+    return [n in files and f"{n}.json" in entries for n in names]
+
+
+def _remove_leftovers(out: Path, mine: set[str]) -> None:
+    """Temporary files of this task's shards: a write cut short by a kill (the shard is redone)."""
+    for folder, suffix in ((out, ""), (out / MANIFEST_DIR, ".json")):
+        for entry in os.listdir(folder):
+            if entry.startswith(".") and ".tmp" in entry:
+                name = entry[1:].rsplit(".tmp", 1)[0].removesuffix(suffix)
+                if name in mine:
+                    os.remove(folder / entry)
+
+
+def run(opts: PrepOptions, progress: bool = True, task_index: int = 0, num_tasks: int = 1,
+        stats: dict | None = None) -> dict | None:
     """Do the whole job (or what is left of it); returns the `_info.json` content.
 
     With `num_tasks > 1` (a Slurm array), this task writes only every `num_tasks`-th shard from
     `task_index` on; `_info.json` is written by whichever task finds every shard finished (the
-    last one), and None is returned by the others."""
+    last one), and None is returned by the others. `stats`, if given, receives timings and counts
+    (index_s, plan_s, start_writing_s, write_s, written_images, listed_units, listed_images)."""
     if not 0 <= task_index < num_tasks:
-        raise ValueError(f"task index: expected 0..{num_tasks - 1}, got {task_index}")
-    source = scan(opts.source, opts.val_labels)
-    classes, splits = plan_splits(source, opts)
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_options(out, opts)
-    (out / MANIFEST_DIR).mkdir(exist_ok=True)
-    label_of = {s: i for i, s in enumerate(classes)}
-    resize = Resize.parse(opts.resize) if opts.resize else None
-
-    planned = [(split, index, shard) for split, items in splits.items()
-               for index, shard in enumerate(cut_shards(items, opts))]
-    names = [shard_name(opts.prefix, split, index) for split, index, _ in planned]
-    tasks, skipped_done = [], 0
-    for k, (split, index, shard) in enumerate(planned):
-        if k % num_tasks != task_index:
-            continue
-        path = out / names[k]
-        for leftover in [*out.glob(f".{path.name}.tmp*"), *(out / MANIFEST_DIR).glob(f".{path.name}.json.tmp*")]:
-            leftover.unlink()  # a write cut short by a kill; the shard is redone below
-        if (out / MANIFEST_DIR / (path.name + ".json")).is_file() and path.is_file():
-            skipped_done += 1
-            continue
-        tasks.append(ShardTask(split, index, path, shard, [label_of[i.synset] for i in shard],
-                               resize, opts.quality, opts.decode_check))
-    if tasks and source.layout == "targz22k":
-        tasks = spool(source, tasks, out / SPOOL_DIR, progress)
-    start = time.time()
-    bar = tqdm(total=sum(len(t.items) for t in tasks), unit="img", desc=f"shards -> {out}",
-               disable=not progress, smoothing=0.1, dynamic_ncols=True)
-    if progress:
-        part = f" (task {task_index} of {num_tasks})" if num_tasks > 1 else ""
-        bar.write(f"{source.layout} source {source.root}: {len(classes)} classes, "
-                  + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
-                  + f"; {skipped_done} shards already done, {len(tasks)} to write{part}")
-
-    def finished(result: ShardResult):
-        # The manifest entry is the commit record: written only after the shard's rename.
-        write_json_atomic(out / MANIFEST_DIR / (result.name + ".json"), asdict(result))
-        bar.update(result.num_samples + len(result.skipped))
-
-    if opts.workers > 1 and len(tasks) > 1:
-        with mp.get_context("spawn").Pool(opts.workers) as pool:
-            for result in pool.imap_unordered(process_shard, tasks):
-                finished(result)
-    else:
-        for task in tasks:
-            finished(process_shard(task))
-    bar.close()
-    for task in tasks:
-        for item_file in {i.path for i in task.items if Path(i.path).parent == out / SPOOL_DIR}:
-            os.remove(item_file)
-
-    entries = [out / MANIFEST_DIR / (n + ".json") for n in names]
-    remaining = sum(not e.is_file() or not (out / n).is_file() for e, n in zip(entries, names))
+        raise OptionError(f"task index: expected 0..{num_tasks - 1}, got {task_index}")
+    stats = {} if stats is None else stats
+    start = time.perf_counter()
+    root, out = Path(opts.source), Path(opts.out)
+    found = survey(root, opts.val_labels)  # a missing or unknown source fails before `out` exists
+    _prepare_output(out, opts)
+    with Workers(opts.workers) as workers:
+        index = open_index(found, root, out, workers, shards_written=any(os.scandir(out / MANIFEST_DIR)),
+                           task_index=task_index, num_tasks=num_tasks, progress=progress, stats=stats)
+        stats["index_s"] = time.perf_counter() - start
+        plan = load_or_compute_plan(index, opts, progress)
+        stats["plan_s"] = time.perf_counter() - start - stats["index_s"]
+        shards = plan.shards()
+        names = [shard_name(opts.prefix, s.split, s.index) for s in shards]
+        mine = [k for k in range(len(shards)) if k % num_tasks == task_index]
+        _remove_leftovers(out, {names[k] for k in mine})
+        done = _finished(out, [names[k] for k in mine])
+        todo = [k for k, finished in zip(mine, done) if not finished]
+        if progress:
+            part = f" (task {task_index} of {num_tasks})" if num_tasks > 1 else ""
+            tqdm.write(f"{index.layout} source {root}: {len(plan.classes)} classes, "
+                       + ", ".join(f"{len(v)} {k}" for k, v in plan.rows.items())
+                       + f"; {sum(done)} shards already done, {len(todo)} to write{part}")
+        _write_shards(index, plan, [(shards[k], names[k]) for k in todo], opts, out, workers,
+                      progress, stats, start)
+        rejected, layout, split_names, classes = index.rejected, index.layout, list(plan.rows), plan.classes
+        del index, plan, shards  # the listing of 14M images is not needed any more
+    remaining = len(names) - sum(_finished(out, names))
     if remaining:
         if progress:
-            print(f"task {task_index} of {num_tasks} done in {time.time() - start:.1f}s; "
+            print(f"task {task_index} of {num_tasks} done in {time.perf_counter() - start:.1f}s; "
                   f"{remaining} shards of other tasks remain, _info.json comes with the last")
         return None
     if (out / SPOOL_DIR).is_dir() and not any((out / SPOOL_DIR).iterdir()):
         (out / SPOOL_DIR).rmdir()
-    done = [ShardResult(**json.loads(e.read_text())) for e in entries]
-    info = build_info(opts, source, classes, splits.keys(), done)
+    results = [ShardResult(**json.loads((out / MANIFEST_DIR / f"{n}.json").read_text())) for n in names]
+    info = build_info(opts, Source(layout, root, {}, rejected), classes, split_names, results)
     write_json_atomic(out / INFO_FILE, info)
     if progress:
         rep = info["report"]
-        print(f"done in {time.time() - start:.1f}s: "
+        print(f"done in {time.perf_counter() - start:.1f}s: "
               + ", ".join(f"{s['num_samples']} {k} in {len(s['filenames'])} shards"
                           for k, s in info["splits"].items())
               + f"; skipped {rep['num_skipped']}, converted {rep['num_converted']}, "
@@ -285,47 +250,42 @@ def run(opts: PrepOptions, progress: bool = True, task_index: int = 0, num_tasks
     return info
 
 
-def spool(source: Source, tasks: list[ShardTask], spool_dir: Path, progress: bool) -> list[ShardTask]:
-    """A compressed source cannot be read at random: stream it once more and append each image
-    of a shard still to write to `spool_dir/<shard>.bin`, then point the items there.
+def _write_shards(index: SourceIndex, plan: Plan, todo: list[tuple[PlannedShard, str]], opts: PrepOptions,
+                  out: Path, workers: Workers, progress: bool, stats: dict, start: float) -> None:
+    """Write the shards of `todo`; workers get one shard's items each, made as they are sent."""
+    labels = {split: plan.labels(t.synsets) for split, t in index.tables.items()}
+    resize = Resize.parse(opts.resize) if opts.resize else None
+    spooled = {}
+    if todo and index.layout == "targz22k":
+        spooled = spool(index, {name: plan.rows[s.split][s.start:s.end] for s, name in todo},
+                        out / SPOOL_DIR, progress)
 
-    The spool holds the remaining shards' source bytes (deleted at the end). A kill during this
-    pass redoes it; finished shards are never spooled again."""
-    spool_dir.mkdir(exist_ok=True)
-    target = {item.filename: n for n, t in enumerate(tasks) for item in t.items}
-    files = [spool_dir / (t.path.name + ".bin") for t in tasks]
-    sizes = [0] * len(tasks)
-    for f in files:
-        f.write_bytes(b"")
-    offsets: dict[str, int] = {}
-    handles: dict[int, object] = {}
-    bar = tqdm(total=sum(i.size for t in tasks for i in t.items), unit="B", unit_scale=True,
-               desc=f"spooling {source.root.name}", disable=not progress, dynamic_ncols=True)
-    try:
-        for outer_name, inner_name, data in iter_stream_tar_of_tars(source.root):
-            n = target.get(f"{outer_name}:{inner_name}") if data is not None else None
-            if n is None:
-                continue
-            if n not in handles:
-                if len(handles) >= 256:  # stay far below the open-file limit
-                    for h in handles.values():
-                        h.close()
-                    handles.clear()
-                handles[n] = open(files[n], "ab")
-            handles[n].write(data)
-            offsets[f"{outer_name}:{inner_name}"] = sizes[n]
-            sizes[n] += len(data)
-            bar.update(len(data))
-    finally:
-        for h in handles.values():
-            h.close()
-        bar.close()
-    missing = [f for f in target if f not in offsets]
-    if missing:
-        raise SourceError(f"{source.root}: changed since it was listed ({missing[0]} not found again)")
-    return [dataclasses.replace(t, items=[dataclasses.replace(i, path=str(files[n]), offset=offsets[i.filename])
-                                          for i in t.items])
-            for n, t in enumerate(tasks)]
+    def tasks():
+        for shard, name in todo:
+            stats.setdefault("start_writing_s", time.perf_counter() - start)
+            rows = plan.rows[shard.split][shard.start:shard.end]
+            items = index.items(shard.source_split, rows)
+            if name in spooled:
+                path, offsets = spooled[name]
+                items = [dataclasses.replace(i, path=path, offset=int(o)) for i, o in zip(items, offsets)]
+            synsets = index.tables[shard.source_split].items.synset[rows]
+            yield ShardTask(shard.split, shard.index, out / name, items,
+                            labels[shard.source_split][synsets].tolist(), resize, opts.quality,
+                            opts.decode_check)
+
+    begin = time.perf_counter()
+    bar = tqdm(total=sum(s.end - s.start for s, _ in todo), unit="img", desc=f"shards -> {out}",
+               disable=not progress, smoothing=0.1, dynamic_ncols=True)
+    written = 0
+    for result in workers.imap(process_shard, tasks(), parallel=len(todo) > 1, ordered=False):
+        # The manifest entry is the commit record: written only after the shard's rename.
+        write_json_atomic(out / MANIFEST_DIR / (result.name + ".json"), asdict(result))
+        bar.update(result.num_samples + len(result.skipped))
+        written += result.num_samples + len(result.skipped)
+        if result.name in spooled:
+            os.remove(spooled[result.name][0])
+    bar.close()
+    stats.update(write_s=time.perf_counter() - begin, written_images=written)
 
 
 def build_info(opts: PrepOptions, source: Source, classes: list[str], split_names, results) -> dict:

@@ -12,6 +12,8 @@ import os
 import tarfile
 from pathlib import Path
 
+from cvtkit.atomic import write_text_atomic
+
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
@@ -48,6 +50,4 @@ def file_sha256(path: Path) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")

@@ -6,12 +6,13 @@
 - `targz22k`: the same compressed (`winter21_whole.tar.gz`), read as a stream (see `prep.spool`);
 - `imagenet1k`: `ROOT/train/<synset>/*.JPEG` and `ROOT/val/`, the latter as synset folders or flat
   files labelled by `LOC_val_solution.csv` or a `filename label` list.
-Every item is located, not read: workers read the bytes themselves, in parallel.
+Every item is located, not read: workers read the bytes themselves, in parallel. This module
+recognises layouts and defines the items; `listing` lists them (in parallel, as columns) and
+`source_index` keeps that listing in the output folder so that it is made once per job.
 """
 from __future__ import annotations
 
 import csv
-import os
 import re
 import tarfile
 import zlib
@@ -64,21 +65,11 @@ def sample_key(stem: str) -> str:
     return stem.replace(".", "_")
 
 
-def _scan_synset_dir(root: Path, synset_dir: Path, synset: str) -> list[Item]:
-    items = []
-    with os.scandir(synset_dir) as entries:
-        for e in entries:
-            if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES:
-                items.append(Item(synset, sample_key(Path(e.name).stem), str(Path(e.path).relative_to(root)),
-                                  e.path, e.stat().st_size))
-    return items
-
-
-def _synset_dirs(folder: Path) -> list[Path]:
+def synset_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and SYNSET.match(p.name))
 
 
-def _unsafe_member(name: str) -> str | None:
+def unsafe_member(name: str) -> str | None:
     p = PurePosixPath(name)
     if p.is_absolute():
         return "absolute path in tar member"
@@ -87,18 +78,21 @@ def _unsafe_member(name: str) -> str | None:
     return None
 
 
-def iter_stream_tar_of_tars(path: Path):
+def iter_stream_tar_of_tars(path: Path, on_progress=None):
     """Stream a compressed tar of per-synset tars, once, in order.
 
     Yields `(outer_member, inner_member, data)` for every image, or `(name, reason, None)` for a
-    member refused for safety. One inner tar is held in memory at a time."""
+    member refused for safety. One inner tar is held in memory at a time. `on_progress(n)` is
+    called with the compressed bytes read so far, once per outer member."""
     import io
 
-    with tarfile.open(path, "r|*") as outer:
+    with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as outer:
         for member in outer:
+            if on_progress:
+                on_progress(raw.tell())
             if not member.isfile():
                 continue
-            reason = _unsafe_member(member.name)
+            reason = unsafe_member(member.name)
             name = PurePosixPath(member.name)
             if not reason and (name.suffix != ".tar" or not SYNSET.match(name.stem)):
                 reason = "not a per-synset tar (nXXXXXXXX.tar)"
@@ -110,59 +104,14 @@ def iter_stream_tar_of_tars(path: Path):
                 for m in inner:
                     if not m.isfile():
                         continue
-                    reason = _unsafe_member(m.name)
+                    reason = unsafe_member(m.name)
                     if reason:
                         yield f"{member.name}:{m.name}", reason, None
                     else:
                         yield member.name, m.name, inner.extractfile(m).read()
 
 
-def _scan_stream(path: Path) -> tuple[list[Item], list[tuple[str, str]]]:
-    """List a compressed tar of tars. The items cannot be read in place (`offset = -2`): the
-    preparation spools them by shard in a second streaming pass."""
-    items, rejected = [], []
-    for outer_name, inner_name, data in iter_stream_tar_of_tars(path):
-        if data is None:
-            rejected.append((outer_name, inner_name))
-            continue
-        synset = PurePosixPath(outer_name).stem
-        items.append(Item(synset, sample_key(PurePosixPath(inner_name).stem), f"{outer_name}:{inner_name}",
-                          str(path), len(data), offset=STREAMED))
-    return items, rejected
-
-
-def _scan_tar_of_tars(path: Path) -> tuple[list[Item], list[tuple[str, str]]]:
-    items, rejected = [], []
-    with tarfile.open(path, "r:") as outer:
-        for member in outer:
-            if not member.isfile():
-                continue
-            reason = _unsafe_member(member.name)
-            if reason:
-                rejected.append((member.name, reason))
-                continue
-            name = PurePosixPath(member.name)
-            if name.suffix != ".tar" or not SYNSET.match(name.stem):
-                rejected.append((member.name, "not a per-synset tar (nXXXXXXXX.tar)"))
-                continue
-            base = member.offset_data
-            outer.fileobj.seek(base)
-            with tarfile.open(fileobj=_Window(outer.fileobj, base, member.size), mode="r:") as inner:
-                for m in inner:
-                    if not m.isfile():
-                        continue
-                    label = f"{member.name}:{m.name}"
-                    reason = _unsafe_member(m.name)
-                    if reason:
-                        rejected.append((label, reason))
-                        continue
-                    stem = PurePosixPath(m.name).stem
-                    items.append(Item(name.stem, sample_key(stem), label, str(path), m.size,
-                                      base + m.offset_data))
-    return items, rejected
-
-
-class _Window:
+class TarWindow:
     """A read-only view of `size` bytes at `start` of a seekable file (an inner tar)."""
 
     def __init__(self, f, start: int, size: int):
@@ -183,14 +132,19 @@ class _Window:
         return self.pos
 
 
-def _val_labels(root: Path, labels_file: Path | None) -> dict[str, str]:
-    """`{file stem: synset}` from LOC_val_solution.csv or a `filename label` list."""
+def val_labels_file(root: Path, labels_file: Path | None) -> Path:
+    """The labels file of a flat val/ folder: the one given, or the first of VAL_LABEL_FILES."""
     candidates = [labels_file] if labels_file else [root / n for n in VAL_LABEL_FILES] + \
         [root / "val" / n for n in VAL_LABEL_FILES]
     found = next((c for c in candidates if c and c.is_file()), None)
     if found is None:
         names = ", ".join(VAL_LABEL_FILES)
         raise SourceError(f"{root / 'val'}: flat validation images need a labels file ({names}, or --val-labels)")
+    return found
+
+
+def read_val_labels(found: Path) -> dict[str, str]:
+    """`{file stem: synset}` from LOC_val_solution.csv or a `filename label` list."""
     labels = {}
     if found.suffix == ".csv":
         with open(found, newline="") as f:
@@ -207,18 +161,6 @@ def _val_labels(root: Path, labels_file: Path | None) -> dict[str, str]:
     return labels
 
 
-def _scan_flat_val(root: Path, labels_file: Path | None) -> list[Item]:
-    labels = _val_labels(root, labels_file)
-    items = []
-    for p in sorted((root / "val").iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-            if p.stem not in labels:
-                raise SourceError(f"{p}: no label for this validation image in the labels file")
-            items.append(Item(labels[p.stem], sample_key(p.stem), str(p.relative_to(root)), str(p),
-                              p.stat().st_size))
-    return items
-
-
 def detect_layout(root: Path) -> str:
     if not root.exists():
         raise SourceError(f"{root}: source not found")
@@ -233,41 +175,28 @@ def detect_layout(root: Path) -> str:
             compressed = magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00"
             return "targz22k" if compressed else "tar22k"
         raise SourceError(f"{root}: not a tar file nor a folder")
-    if (root / "train").is_dir() and _synset_dirs(root / "train"):
+    if (root / "train").is_dir() and synset_dirs(root / "train"):
         return "imagenet1k"
-    if _synset_dirs(root):
+    if synset_dirs(root):
         return "folder22k"
     raise SourceError(f"{root}: unrecognised layout: expected <synset>/ folders (22k), "
                       f"train/<synset>/ (+ val/) folders (1k), or a tar of <synset>.tar files")
 
 
+def has_flat_val(root: Path) -> bool:
+    """An imagenet1k source whose val/ holds the images directly (labelled by a file)."""
+    return (root / "val").is_dir() and not synset_dirs(root / "val")
+
+
 def scan(root: str | Path, val_labels: str | Path | None = None) -> Source:
-    """Locate every image of the source at `root`; raise `SourceError` before any work starts."""
-    root = Path(root)
-    layout = detect_layout(root)
-    rejected: list[tuple[str, str]] = []
-    splits: dict[str, list[Item]] = {}
-    if layout in ("tar22k", "targz22k"):
-        try:
-            splits["train"], rejected = (_scan_tar_of_tars if layout == "tar22k" else _scan_stream)(root)
-        except (EOFError, OSError, tarfile.TarError, zlib.error) as e:
-            raise SourceError(f"{root}: damaged tar ({type(e).__name__}: {e})") from None
-    elif layout == "folder22k":
-        splits["train"] = [i for d in _synset_dirs(root) for i in _scan_synset_dir(root, d, d.name)]
-    else:
-        splits["train"] = [i for d in _synset_dirs(root / "train") for i in _scan_synset_dir(root, d, d.name)]
-        val = root / "val"
-        if val.is_dir():
-            dirs = _synset_dirs(val)
-            splits["validation"] = ([i for d in dirs for i in _scan_synset_dir(root, d, d.name)] if dirs
-                                    else _scan_flat_val(root, Path(val_labels) if val_labels else None))
-    if not splits["train"]:
-        raise SourceError(f"{root}: no images found ({layout} layout)")
-    for split, items in splits.items():
-        seen: dict[str, str] = {}
-        for item in items:
-            if item.key in seen:
-                raise SourceError(f"{root}: two {split} images share the key {item.key!r}: "
-                                  f"{seen[item.key]} and {item.filename}")
-            seen[item.key] = item.filename
-    return Source(layout, root, splits, rejected)
+    """Locate every image of the source at `root` (in memory, nothing stored); raise `SourceError`
+    before any work starts. For small sources and tests: `prep.run` keeps the listing as columns
+    in a stored index instead (`cvtkit.data.source_index`)."""
+    from .plan import check_unique_keys
+    from .source_index import list_source
+
+    index = list_source(Path(root), val_labels)
+    for split in index.tables:
+        check_unique_keys(index, split)
+    splits = {split: index.items(split, range(len(table))) for split, table in index.tables.items()}
+    return Source(index.layout, index.root, splits, index.rejected)

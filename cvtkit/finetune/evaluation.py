@@ -1,6 +1,7 @@
 """Evaluate any checkpoint: top-1 / top-5 (%) and cross-entropy with the official transform of the
-model's evaluation metadata at the chosen resolution (docs/evaluation.md), in fp32 by default, on
-webdataset shards, a `.beton` file or an image folder, on one rank or many.
+model's evaluation metadata at the chosen resolution (docs/evaluation.md), on webdataset shards, a
+`.beton` file or an image folder, on one rank or many. By default a training run is scored in its
+`engine.precision` (as its validation during training was), any other checkpoint in fp32.
 
     python finetune/evaluate.py --checkpoint runs/cvt_w24_384_ft1k --data /data/in1k-wds --res 384
     torchrun --nproc-per-node 8 finetune/evaluate.py --checkpoint exports/w24 --data /data/imagenet/val
@@ -30,6 +31,14 @@ from cvtkit.errors import CvtkitError
 from cvtkit.models.factory import EvalConfig, eval_config
 from cvtkit.models.weights import Checkpoint, checkpoint_classes, model_from_checkpoint
 from cvtkit.train.validation import validate
+
+
+def run_precision(ckpt: Checkpoint) -> str:
+    """`auto`: a training run is scored in the precision its validation ran in (engine.precision),
+    so that both give the same figures for the same checkpoint; anything else in fp32, as the
+    official code evaluates."""
+    run = ckpt.metadata.get("run_config")
+    return run["engine"].get("precision", "fp32") if run else "fp32"
 
 
 def trained_res(ckpt: Checkpoint) -> int | None:
@@ -87,7 +96,7 @@ def build_loader(path: str, split: str, eval_cfg: EvalConfig, batch: int, rank: 
 
 def evaluate_checkpoint(checkpoint: str, data: str, res: int | None = None, split: str = "validation",
                         model_name: str | None = None, use_ema: bool = False, batch: int = 64,
-                        workers: int = 4, precision: str = "fp32") -> dict:
+                        workers: int = 4, precision: str = "auto") -> dict:
     """Evaluate on this process's share (all of it without a process group); returns the
     metrics summed over ranks, with what was evaluated."""
     distributed = dist.is_available() and dist.is_initialized()
@@ -96,6 +105,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, res: int | None = None, spli
     model, ckpt = model_from_checkpoint(checkpoint, model_name, use_ema)
     res = res or trained_res(ckpt) or model.default_res
     cfg = eval_config(model, res)
+    precision = run_precision(ckpt) if precision == "auto" else precision
     dtype = DTYPES[precision]
     model.to(device).eval()
     for p in model.parameters():  # as DeepSpeed: parameters in `dtype`, BN statistics stay fp32
@@ -118,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--workers", type=int, default=4, help="loader workers per rank")
-    parser.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--precision", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="auto (default): a training run's engine.precision, else fp32")
     parser.add_argument("--out", "--json", dest="out", help="write the metrics to this JSON file")
     args = parser.parse_args(argv)
 

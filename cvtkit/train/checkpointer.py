@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cvtkit.atomic import write_text_atomic
 from cvtkit.checkpoint import (COMPLETE, TAG_RE, ResumeError, complete_tags, latest_complete,
-                               refuse_unsafe_pickles, saved_module_state, tag_for, torch_save_atomic,
-                               write_text_atomic)
+                               refuse_unsafe_pickles, saved_module_state, tag_for, torch_save_atomic)
 from cvtkit.device import any_rank, barrier
 from cvtkit.errors import CvtkitError
 
@@ -86,7 +84,7 @@ class Checkpointer:
         """Keep the newest `keep` complete checkpoints; drop partial ones older than `newest`."""
         keep = set(complete_tags(self.ckpt_dir)[-self.keep:]) | {newest}
         for path in self.ckpt_dir.iterdir():
-            base = path.name.removesuffix("_universal")
+            base = path.name.removesuffix(".partial").removesuffix("_universal")
             if TAG_RE.match(base) and base not in keep and base < newest:
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -126,22 +124,3 @@ class Checkpointer:
                 if name not in saved:
                     raise ResumeError(f"{states}: has no {name}; cannot restore the model's buffers")
                 buffer.copy_(saved[name])
-
-    def make_universal(self, tag: str) -> None:
-        """Convert `tag` with DeepSpeed's own ds_to_universal (rank 0), for a new world size."""
-        target = self.ckpt_dir / f"{tag}_universal"
-        refuse_unsafe_pickles(self.ckpt_dir / tag)
-        if self.rank == 0 and not (target / COMPLETE).is_file():
-            shutil.rmtree(target, ignore_errors=True)
-            log.warning("checkpoint %s was written by another number of ranks: converting it with "
-                        "deepspeed.checkpoint.ds_to_universal", tag)
-            proc = subprocess.run(
-                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                 str(self.ckpt_dir / tag), "--output_folder", str(target), "--num_extract_workers", "1",
-                 "--num_merge_workers", "1"], capture_output=True, text=True)
-            if proc.returncode != 0:
-                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                raise ResumeError(f"{self.ckpt_dir / tag}: conversion to a universal checkpoint failed: {tail}")
-            write_text_atomic(target / COMPLETE, "universal\n")
-        barrier()
-

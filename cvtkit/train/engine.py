@@ -36,10 +36,21 @@ def init_distributed(env: DistEnv, timeout_s: int) -> tuple[torch.device, int, i
 
 
 def batch_plan(cfg: RunConfig, world: int) -> tuple[int, int]:
-    """(micro batch per rank, accumulation steps) for the global batch on `world` ranks."""
-    micro = cfg.engine.micro_batch or cfg.data.batch_size // world
-    if micro == 0 or cfg.data.batch_size % (micro * world):
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not engine.micro_batch={micro} x "
+    """(micro batch per rank, accumulation steps) for the global batch on `world` ranks.
+
+    With `engine.micro_batch` pinned (every recipe pins it), the per-GPU batch and so its memory
+    and BatchNorm's batch stay the same on any number of ranks, and accumulation takes up the
+    difference: `global = micro x accumulation x world`."""
+    global_batch = cfg.data.batch_size
+    micro = cfg.engine.micro_batch or global_batch // world
+    if micro == 0 or global_batch % (micro * world):
+        if cfg.engine.micro_batch and global_batch % cfg.engine.micro_batch == 0:
+            per_micro = global_batch // micro
+            sizes = [w for w in range(1, per_micro + 1) if per_micro % w == 0]
+            raise ConfigError(f"data.batch_size={global_batch} = engine.micro_batch={micro} x accumulation x "
+                              f"world size cannot hold on {world} ranks; the world sizes that can: "
+                              f"{', '.join(map(str, sizes))}")
+        raise ConfigError(f"data.batch_size={global_batch} is not engine.micro_batch={micro} x "
                           f"accumulation x {world} ranks; choose a global batch divisible by "
                           f"{micro * world} or another engine.micro_batch")
     augment = cfg.data.augment
@@ -64,6 +75,9 @@ def deepspeed_config(cfg: RunConfig, micro: int, accum: int, universal: bool) ->
     if e.precision == "bf16":
         # A non-finite gradient skips the update, as fp16's loss scaler does.
         config["bf16"] = {"enabled": True, "check_grad_overflow": True}
+        # Without these DeepSpeed reduces and accumulates gradients in the model's dtype.
+        config["communication_data_type"] = e.grad_reduce_dtype
+        config["data_types"] = {"grad_accum_dtype": e.grad_reduce_dtype}
     elif e.precision == "fp16":
         config["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000,
                           "hysteresis": 2, "min_loss_scale": 1}

@@ -59,6 +59,10 @@ class EngineConfig:
     """How the model runs: DeepSpeed ZeRO, precision, per-rank micro batch, speed options."""
     zero_stage: int = 2
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # Under bf16: the dtype gradients are all-reduced across ranks and accumulated across
+    # micro-batches in. fp32, as DDP under autocast and torchtitan do; bf16 halves the gradient
+    # traffic but sums 32 ranks' gradients with 8 bits of mantissa.
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     micro_batch: int | None = None  # per rank; None: the global batch / world size (no accumulation)
     compile: bool = False
     channels_last: bool = False
@@ -81,6 +85,12 @@ class EngineConfig:
         # and grad_accum_dtype=fp32"); ZeRO-1 costs nothing extra on one rank.
         require(not (self.zero_stage == 0 and self.precision == "bf16"), "zero_stage",
                 "1, 2 or 3 with bf16 (DeepSpeed has no bf16 without ZeRO; or precision fp32)", self.zero_stage)
+        # DeepSpeed 0.19 runs ZeRO-1 + bf16 + fp32 gradients through its BF16_Optimizer, whose
+        # checkpoints neither zero_to_fp32 nor our resume read back; ZeRO-2 costs no more memory.
+        require(not (self.zero_stage == 1 and self.precision == "bf16" and self.grad_reduce_dtype == "fp32"),
+                "zero_stage", "2 or 3 with bf16 and fp32 gradient reduction (ZeRO-1 would run DeepSpeed's "
+                "BF16_Optimizer, whose checkpoints zero_to_fp32 cannot read; or engine.grad_reduce_dtype=bf16)",
+                self.zero_stage)
 
 
 @dataclass
@@ -101,11 +111,15 @@ class CheckpointConfig:
     # End this process at this step as a preemption would (save, exit 75) though the schedule goes
     # on: a run split into time slots, or a resume rehearsal. 0: run to the end.
     stop_at_step: int = 0
+    # A resume on another number of ranks converts the checkpoint first (cvtkit.train.reshard);
+    # the ranks other than 0 wait this long for it. Convert ahead for checkpoints that take longer.
+    convert_timeout_s: int = 3600
 
     def __post_init__(self):
         require(self.every_steps >= 0, "every_steps", ">= 0", self.every_steps)
         require(self.keep >= 1, "keep", ">= 1", self.keep)
         require(self.stop_at_step >= 0, "stop_at_step", ">= 0 (0: run to the end)", self.stop_at_step)
+        require(self.convert_timeout_s > 0, "convert_timeout_s", "a positive number of seconds", self.convert_timeout_s)
 
 
 @dataclass
@@ -149,5 +163,3 @@ class RunConfig:
 
     def __post_init__(self):
         require(bool(self.name) and "/" not in self.name, "name", "a folder name without '/'", self.name)
-        if self.ema.decay > 0 and self.engine.zero_stage == 3:
-            raise ValueError("ema: an EMA needs whole parameters on every rank; use engine.zero_stage <= 2")

@@ -39,7 +39,8 @@ from .pretrained import load_pretrained_init
 from .run_config import RunConfig
 from .schedule import Schedule
 from .signals import StopSignals
-from .state import Ema, rng_state, seed_everything, set_rng_state
+from .reshard import convert_on_start
+from .state import MasterEma, derived_seed, nonfinite_master, rng_state, seed_everything, set_rng_state
 from .validation import validate
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: saved after a signal; the launcher requeues (slurm/*.sh)
@@ -80,13 +81,13 @@ class Trainer:
         tag = self._checkpoint_to_resume()
         self.data = RunData.open(cfg.data)
         self._check_num_classes()
+        self.micro, self.accum = batch_plan(cfg, self.env.world_size)
+        universal = self._check_resume(tag) if tag else False
+        if universal:  # before the process group: a long conversion meets no collective timeout
+            convert_on_start(self.ckpt_dir, tag, self.env.rank, cfg.checkpoint.convert_timeout_s)
         self.device, self.rank, self.world = init_distributed(self.env, cfg.engine.dist_timeout_s)
         seed_everything(cfg.engine.seed + self.rank)
-        self.micro, self.accum = batch_plan(cfg, self.world)
-        universal = self._check_resume(tag) if tag else False
         self.checkpointer = Checkpointer(self.ckpt_dir, self.rank, self.world, cfg.checkpoint.keep)
-        if universal:
-            self.checkpointer.make_universal(tag)
         self._build_engine(fresh=tag is None, universal=universal)
         self.loader = self.data.train_loader(self.micro, self.rank, self.world, cfg.engine.seed)
         self.steps_per_epoch = max(1, len(self.loader) // self.accum)
@@ -123,19 +124,20 @@ class Trainer:
         return tag
 
     def _check_resume(self, tag: str) -> bool:
-        """Compare the checkpoint's meta with this config; returns whether the world size changed."""
+        """Compare the checkpoint's meta with this config; returns whether it needs converting for
+        this number of ranks (ZeRO-0 keeps whole states, which any number of ranks loads)."""
         meta = read_meta(self.ckpt_dir, tag)
         mine = self._meta(0)
         diffs = [f"{k}: checkpoint {meta.get(k)!r}, config {mine[k]!r}" for k in _RESUME_KEYS if meta.get(k) != mine[k]]
         if diffs:
             raise ResumeError(f"{self.ckpt_dir / tag} contradicts the config ({'; '.join(diffs)}); "
                               f"use another run name, or checkpoint.resume=never to start over in a new folder")
-        return meta["world_size"] != self.world
+        return meta["world_size"] != self.env.world_size and meta["zero_stage"] > 0
 
     def _meta(self, step: int) -> dict:
         synsets = self.data.synsets
         return {"step": step, "model": self.cfg.model.name, "num_classes": self.cfg.model.num_classes,
-                "global_batch": self.cfg.data.batch_size, "world_size": self.world,
+                "global_batch": self.cfg.data.batch_size, "world_size": self.env.world_size,
                 "zero_stage": self.cfg.engine.zero_stage, "precision": self.cfg.engine.precision,
                 "classes_sha": class_list_sha256(synsets) if synsets else None, "res": self.cfg.data.res,
                 "classes": synsets}  # synsets of the head's rows: fine-tuning maps them by synset
@@ -160,7 +162,8 @@ class Trainer:
         if cfg.engine.compile:
             self.engine.compile()
         self.dtype = DTYPES[cfg.engine.precision]
-        self.ema = Ema(self.engine.module, cfg.ema.decay) if cfg.ema.decay > 0 else None
+        self.ema = MasterEma(self.engine.module, cfg.ema.decay) if cfg.ema.decay > 0 else None
+        self.buffers_to_average = [b for _, b in self.engine.module.named_buffers() if b.is_floating_point()]
         self.batch = DeviceBatch(cfg.data.augment, cfg.model.num_classes, self.device, self.dtype,
                                  cfg.engine.channels_last)
         shape = dict(cfg.model.options, **({"img_size": cfg.model.img_size} if cfg.model.img_size else {}))
@@ -169,16 +172,22 @@ class Trainer:
 
     def _restore(self, tag: str, universal: bool) -> int:
         """Model, optimizer, RNG, loader position and EMA from `tag`; returns its step. After a
-        world-size change a rank the checkpoint has no state for takes rank 0's (its RNG and
-        loader position then differ from an uninterrupted run's)."""
+        world-size change, a rank the checkpoint has no state for (more ranks than it was saved
+        with) takes rank 0's loader position and a fresh random stream of its own, derived from
+        (seed, rank, step): reusing rank 0's would repeat its drop-path masks, Mixup and erasing."""
         rank_state, ema_state = self.checkpointer.load(self.engine, tag, universal)
+        step = read_meta(self.ckpt_dir, tag)["step"]
         if rank_state is None:
+            seed_everything(derived_seed(self.cfg.engine.seed, self.rank, step))
             rank_state = self.checkpointer.rank_zero_state(tag)
-        set_rng_state(rank_state["rng"])
+        else:
+            set_rng_state(rank_state["rng"])
         self.loader.load_state_dict(rank_state["loader"])
         if self.ema is not None and ema_state is not None:
             self.ema.load_state_dict(ema_state)
-        step = read_meta(self.ckpt_dir, tag)["step"]
+        elif self.ema is not None:  # ema.decay was 0 when the checkpoint was saved
+            self.ema = MasterEma(self.engine.module, self.cfg.ema.decay)
+            self._info(f"{self.ckpt_dir / tag} has no EMA: the EMA starts from the weights of step {step}")
         self._info(f"resumed from {self.ckpt_dir / tag} at step {step}")
         return step
 
@@ -273,6 +282,7 @@ class Trainer:
             nonfinite |= not math.isfinite(value)
             loss_sum += value / self.accum if math.isfinite(value) else 0.0
         self.step += 1
+        self._average_buffers()
         if self.ema is not None and self.step % self.cfg.ema.every_steps == 0:
             self.ema.update(self.engine.module)
         damaged = getattr(self.loader, "damaged", 0)
@@ -302,8 +312,9 @@ class Trainer:
 
     def _save(self) -> None:
         module = self.engine.module
-        tensors = [*module.named_parameters(), *module.named_buffers()]
-        bad = next((name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        # The fp32 masters, not the working copy: under ZeRO-3 the parameters are empty placeholders.
+        bad = nonfinite_master(module) or next((name for name, b in module.named_buffers()
+                                                if b.is_floating_point() and not torch.isfinite(b).all()), None)
         if any_rank(bad is not None):  # agreed, or the other ranks would wait in the save
             raise NonFiniteLoss(f"step {self.step}: {bad or 'a tensor on another rank'} is not finite; not "
                                 f"saving, the last good checkpoint (step {self.last_saved}) is intact; "
@@ -339,8 +350,26 @@ class Trainer:
                            self.eval_cfg.input_size)
         self.runlog.scalars(self.step, {f"val/{k}": v for k, v in metrics.items()})
         self._info(f"step {self.step}: val top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} "
-                   f"loss {metrics['loss']:.4f} ({int(metrics['count'])} images)")
+                   f"loss {metrics['loss']:.4f} ({int(metrics['count'])} images, {self.cfg.engine.precision})")
         return metrics
+
+    def _average_buffers(self) -> None:
+        """DeepSpeed broadcasts parameters, not buffers, so each rank's BatchNorm statistics would
+        follow its own batches. They are averaged across ranks (as timm's `distribute_bn` does)
+        after every step, in one all-reduce of a few hundred thousand floats at most (CvT-W24:
+        134k): every rank validates with, and every checkpoint keeps, the same statistics, and a
+        resumed run's statistics stay those of an uninterrupted one."""
+        buffers = self.buffers_to_average
+        if not buffers or self.world == 1:
+            return
+        with torch.no_grad():
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            dist.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for b in buffers:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
 
 
 def git_commit(repo: Path) -> str | None:
