@@ -64,3 +64,28 @@ def test_square_warp_is_refused_with_a_reason(betons):
     loader = FfcvLoader(str(betons / "validation.beton"), 4, 384, train=False, eval_cfg=SQUASH_384)
     with pytest.raises(ValueError, match="no square-warp decoder"):
         next(iter(loader))
+
+
+def test_one_ffcv_loader_per_run_and_the_trainers_threads_kept(betons, monkeypatch):
+    """ffcv's Loader (and its compiled pipeline) is built once, not per epoch; each epoch still
+    has its own order; ffcv's resetting of PyTorch's thread count does not reach the trainer."""
+    from ffcv.loader import Loader
+    built = []
+    original = Loader.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+    monkeypatch.setattr(Loader, "__init__", counting)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loader = FfcvLoader(str(betons / "train.beton"), 4, 32, 0, 2, workers=2, seed=5)
+        epochs = []
+        for _ in range(3):
+            epochs.append([y.tolist() for _, y in loader])
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert len(built) == 1 and loader.epoch == 3
+    assert all(len(e) == 5 for e in epochs) and epochs[0] != epochs[1]

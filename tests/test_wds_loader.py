@@ -1,6 +1,8 @@
 """The webdataset loader with simulated ranks: balance, coverage, determinism, resume."""
+import io
 import itertools
 import logging
+import random
 from pathlib import Path
 
 import pytest
@@ -161,12 +163,15 @@ def test_reduced_size_decoding_keeps_what_the_transform_needs():
     assert _decode({"jpg": png.getvalue(), "cls": b"0", "__key__": "p"}, 100)[0].size == (800, 800)
 
 
+@pytest.mark.slow
 def test_loader_benchmark_prints_its_table(capsys):
     from cvtkit.bench.loaders import main as bench_main
-    bench_main(["--images", "64", "--repeats", "1", "--workers", "1", "--size", "32", "--batch-size", "8"])
+    bench_main(["--images", "32", "--repeats", "1", "--workers", "1", "--size", "32", "--batch-size", "8"])
     out = capsys.readouterr().out
-    assert "ImageFolder + timm DeiT transform" in out and "webdataset (WdsLoader)" in out
-    assert "ffcv" in out and "x ImageFolder" in out
+    for row in ("ImageFolder + timm DeiT", "ImageFolder + timm RRC + flip", "WdsLoader DeiT (from JPEG bytes)",
+                "FfcvLoader RRC + flip", "DaliLoader DeiT (CPU operators)"):
+        assert f"| {row}" in out, row
+    assert "per core" in out and "x ImageFolder" in out
 
 
 def test_shards_over_http(shards):
@@ -218,3 +223,93 @@ def test_a_slot_with_nothing_readable_is_an_error_not_a_hang(tmp_path):
         shard.write_bytes(b"not a tar at all" * 10)
     with pytest.raises(DamagedData, match="no readable sample in"):
         keys_of(WdsLoader(ShardSet.from_info(str(folder), "train"), 4, 0, 1, 0, with_keys=True))
+
+
+def photo_shards(root, size=(1200, 900), per_class=3):
+    """Shards of a few large JPEGs (two classes, one validation image each)."""
+    rng = random.Random(0)
+    for split, count in (("train", per_class), ("val", 1)):
+        for synset in fake.SYNSETS[:2]:
+            (root / "src" / split / synset).mkdir(parents=True)
+            for i in range(count):
+                (root / "src" / split / synset / f"{synset}_{split}_{i}.JPEG").write_bytes(fake.jpeg(rng, size=size))
+    run(PrepOptions(source=str(root / "src"), out=str(root / "out"), workers=1), progress=False)
+    return root / "src", str(root / "out")
+
+
+def test_evaluation_is_pixel_exact_to_pil_by_default(tmp_path):
+    """Full decode, then the official resize and crop, as the PIL pipeline; the reduced-size
+    decode is an option (and not pixel-exact)."""
+    from PIL import Image
+
+    from cvtkit.data.loaders import eval_loader_wds
+    from cvtkit.data.shard_info import ShardInfo
+    from cvtkit.models.factory import CENTER_224
+    src, out = photo_shards(tmp_path)
+    official = eval_transform(CENTER_224, normalize=False)
+    expected = {label: official(Image.open(path).convert("RGB"))
+                for label, synset in enumerate(fake.SYNSETS[:2]) for path in (src / "val" / synset).iterdir()}
+    for reduced in (False, True):
+        loader = eval_loader_wds(ShardInfo.read(out), "validation", CENTER_224, 2, 0, 1, 0, reduced_decode=reduced)
+        images, labels = next(iter(loader))
+        same = [torch.equal(img, expected[int(y)]) for img, y in zip(images, labels)]
+        assert same == [not reduced] * 2
+
+
+def test_jpeg_bytes_path_is_pils_crop_within_a_grey_level():
+    """The crop drawn before decoding, decoded in full or at a reduced DCT scale, then resized
+    with PyTorch's antialiased bicubic: what timm's PIL resized crop gives, to rounding."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from cvtkit.data import jpeg
+    raw = fake.jpeg(random.Random(3), size=(1200, 900))
+    full = Image.open(io.BytesIO(raw)).convert("RGB")
+    for box, reduction in [((100, 200, 300, 400), 1), ((0, 100, 900, 1000), 4)]:
+        assert jpeg.dct_reduction(box[3], box[2], 224) == reduction
+        pixels, applied = jpeg.decode_rgb(raw, reduction)
+        assert applied == reduction and pixels.shape[:2] == (900 // reduction, 1200 // reduction)
+        ours = torch.from_numpy(jpeg.resized_crop(pixels, box, reduction, 224)).permute(2, 0, 1).int()
+        theirs = TF.pil_to_tensor(TF.resized_crop(full, *box, [224, 224], TF.InterpolationMode.BICUBIC)).int()
+        diff = (ours - theirs).abs().float()
+        assert (diff.max() <= 1 and diff.mean() < 0.05) if reduction == 1 else diff.mean() < 3
+    png = io.BytesIO()
+    Image.new("RGB", (80, 60), (9, 99, 199)).save(png, "PNG")  # not a JPEG: PIL decodes it
+    assert jpeg.jpeg_size(png.getvalue()) == (80, 60) and jpeg.decode_rgb(png.getvalue(), 2)[1] == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_jpeg_bytes_path_gives_uint8_crops_and_resumes_exactly(shards, workers):
+    """The DeiT recipe from JPEG bytes: uint8 batches, the same pixels after a mid-epoch resume
+    (each sample seeded by its place in the epoch), and the trainer's RNG left untouched."""
+    from cvtkit.data.transforms import AugmentConfig, train_decoder
+
+    def make():
+        return WdsLoader(ShardSet.from_info(shards, "train"), 4, 0, 1, workers, seed=3, with_keys=True,
+                         transform=train_decoder(AugmentConfig(), 32))
+    reference = list(make())
+    images = reference[0][0]
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8 and images.float().std() > 0
+    first = make()
+    torch.manual_seed(7)
+    random.seed(7)
+    head = list(itertools.islice(first, 3))
+    assert torch.rand(1).item() == torch.rand(1, generator=torch.Generator().manual_seed(7)).item()
+    assert random.random() == random.Random(7).random()
+    second = make()
+    second.load_state_dict(first.state_dict())
+    for (x, y, k), (rx, ry, rk) in zip(head + list(second), reference):
+        assert torch.equal(x, rx) and torch.equal(y, ry) and k == rk
+
+
+def test_jpeg_bytes_path_skips_and_counts_damage(tmp_path):
+    from cvtkit.data.transforms import AugmentConfig, train_decoder
+    folder = Path(make_shards(tmp_path, 7))
+    train_shards = sorted(folder.glob("*-train-*.tar"))
+    damage(train_shards[0], "truncate")
+    damage(train_shards[2], "corrupt_jpeg")
+    loader = WdsLoader(ShardSet.from_info(str(folder), "train"), 4, 0, 1, 0, with_keys=True,
+                       transform=train_decoder(AugmentConfig(), 32))
+    batches = keys_of(loader)
+    assert len(batches) == len(loader) == 10 and all(len(b) == 4 for b in batches)
+    assert loader.damaged >= 2

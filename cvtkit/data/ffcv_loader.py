@@ -1,8 +1,8 @@
 """ffcv loaders over `.beton` files, with the same rank/epoch/resume contract as `WdsLoader`.
 
 ffcv's own distributed order pads with duplicates (DistributedSampler, drop_last=False) and
-needs a process group; here each rank computes its indices itself and hands them to a
-sequential ffcv Loader:
+needs a process group; here each rank computes its indices itself and hands them, epoch by
+epoch, to one ffcv Loader built (and compiled) once per run:
 - training: a permutation by (seed, epoch), cut to a multiple of world_size x batch_size, rank r
   taking every world_size-th; a resumed epoch starts after the batches already delivered, which
   are therefore never decoded;
@@ -57,6 +57,7 @@ class FfcvLoader:
             raise ShardFolderError(f"{self.path}: {self.num_samples} samples cannot give one batch of "
                              f"{self.batch_size} to each of {self.world_size} ranks")
         self.epoch, self.batches_done = 0, 0
+        self._loader = self._order = None
 
     def __len__(self) -> int:
         if self.train:
@@ -92,19 +93,58 @@ class FfcvLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batches_done = resume_position(state, self.world_size, self.batch_size)
 
-    def __iter__(self):
-        from ffcv.loader import Loader, OrderOption
+    def _ffcv_loader(self):
+        """ffcv's Loader, built (and its pipeline compiled) once per run: each epoch only hands
+        its order the rank's indices for that epoch."""
+        if self._loader is None:
+            from ffcv.loader import Loader
+            self._order = _epoch_order()
+            # The Loader cuts every epoch's order to its first one's length: give it a full epoch.
+            full = rank_indices(self.num_samples, self.rank, self.world_size, self.batch_size, self.seed,
+                                0, self.train)
+            self._loader = Loader(self.path, batch_size=self.batch_size, num_workers=max(1, self.workers),
+                                  order=self._order, indices=full, drop_last=False, seed=self.seed,
+                                  pipelines=self._pipelines())
+        return self._loader
 
+    def __iter__(self):
         indices = rank_indices(self.num_samples, self.rank, self.world_size, self.batch_size,
                                self.seed, self.epoch, self.train, self.batches_done if self.train else 0)
         if len(indices) == 0:
             return
-        loader = Loader(self.path, batch_size=self.batch_size, num_workers=max(1, self.workers),
-                        order=OrderOption.SEQUENTIAL, indices=indices, drop_last=False,
-                        seed=self.seed + self.epoch, pipelines=self._pipelines())
-        for images, labels in loader:
+        # ffcv sets PyTorch's thread count to its own workers' when its Loader is built and as an
+        # epoch starts; the trainer's setting is put back before the trainer runs, or its CPU ops
+        # would contend with ffcv's threads (measured: twice the CPU time per op).
+        threads = torch.get_num_threads()
+        loader = self._ffcv_loader()
+        self._order.current = indices
+        batches = iter(loader)
+        torch.set_num_threads(threads)
+        for images, labels in batches:
             if self.train:
                 self.batches_done += 1
             yield images, labels.flatten().to(torch.int64)
+        torch.set_num_threads(threads)
         if self.train:
             self.epoch, self.batches_done = self.epoch + 1, 0
+
+
+def _epoch_order():
+    """A TraversalOrder whose `sample_order` is whatever the FfcvLoader set for this epoch."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class EpochOrder(TraversalOrder):
+        current: np.ndarray | None = None
+
+        def __init__(self):  # ffcv calls an order instance with its Loader (`order(loader)`)
+            pass
+
+        def __call__(self, loader):
+            super().__init__(loader)
+            return self
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            return self.current if self.current is not None else self.indices
+
+    return EpochOrder()
+

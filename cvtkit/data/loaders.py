@@ -1,5 +1,7 @@
-"""The loaders of a run, from its `data:` section: webdataset shards or ffcv files for training,
-and each validation sample once across ranks. Loaders deliver uint8 `[B, 3, S, S]` with labels;
+"""The loaders of a run, from its `data:` section: webdataset shards (`wds`: WdsLoader; `dali`:
+NVIDIA DALI, on the GPU where there is one) or ffcv files for training, and each validation
+sample once across ranks (for `dali` through WdsLoader and PIL, pixel-exact to the official
+evaluation). Loaders deliver uint8 `[B, 3, S, S]` with labels;
 `cvtkit.data.device_batch` does the rest on the device.
 """
 from __future__ import annotations
@@ -12,14 +14,14 @@ from cvtkit.config_loader import require
 from cvtkit.models.factory import EvalConfig
 
 from .shard_info import ShardFolderError, ShardInfo
-from .transforms import AugmentConfig, eval_transform, min_decode_side, train_transform
+from .transforms import AugmentConfig, eval_transform, min_decode_side, train_decoder, train_transform
 
 
 @dataclass
 class DataConfig:
     """Where the images are and how they are batched (the `data:` section of a run config)."""
-    format: Literal["wds", "ffcv"] = "wds"
-    train: str = ""  # wds: a shard folder with _info.json (or URL prefix); ffcv: a .beton file
+    format: Literal["wds", "ffcv", "dali"] = "wds"
+    train: str = ""  # wds, dali: a shard folder with _info.json (wds: or URL prefix); ffcv: a .beton file
     train_split: str = "train"
     val: str | None = None  # as `train`; None: no validation
     val_split: str = "validation"
@@ -29,6 +31,9 @@ class DataConfig:
     eval_batch: int = 64  # per rank
     workers: int = 4  # per rank
     shuffle_buffer: int = 2000
+    # Validation decodes large JPEGs at a reduced DCT scale: faster, not pixel-exact to the
+    # official full decode + resize (docs/evaluation.md).
+    eval_reduced_decode: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -60,6 +65,8 @@ class RunData:
             synsets = ShardInfo.read(str(beside)).synsets if (beside / "_info.json").is_file() else None
             return cls(cfg, None, None, synsets)
         train = _read(cfg.train, "train")
+        if cfg.format == "dali" and not train.is_local:
+            raise ShardFolderError(f"data.train: {cfg.train}: data.format dali reads local shard folders only")
         val = None if cfg.val is None else (train if cfg.val == cfg.train else _read(cfg.val, "val"))
         train.split(cfg.train_split)  # a missing split or shard fails here, not in a worker
         return cls(cfg, train, val, train.synsets)
@@ -74,9 +81,18 @@ class RunData:
             from .ffcv_loader import FfcvLoader
             return FfcvLoader(cfg.train, micro_batch, cfg.res, rank, world_size, cfg.workers, seed,
                               train=True, augment=cfg.augment)
+        shards = self.train_info.split(cfg.train_split)
+        if cfg.format == "dali":
+            from .dali_loader import DaliLoader
+            return DaliLoader(shards, micro_batch, cfg.res, rank, world_size, cfg.workers, seed,
+                              augment=cfg.augment, shuffle_buffer=cfg.shuffle_buffer)
         from .wds_loader import WdsLoader
-        return WdsLoader(self.train_info.split(cfg.train_split), micro_batch, rank, world_size, cfg.workers,
-                         seed, transform=train_transform(cfg.augment, cfg.res, normalize=False), train=True,
+        decoder = train_decoder(cfg.augment, cfg.res)  # the DeiT recipe straight from JPEG bytes
+        if decoder is not None:
+            return WdsLoader(shards, micro_batch, rank, world_size, cfg.workers, seed, transform=decoder,
+                             train=True, shuffle_buffer=cfg.shuffle_buffer)
+        return WdsLoader(shards, micro_batch, rank, world_size, cfg.workers, seed,
+                         transform=train_transform(cfg.augment, cfg.res, normalize=False), train=True,
                          shuffle_buffer=cfg.shuffle_buffer, decode_min_side=min_decode_side(cfg.res, cfg.augment))
 
     def val_loader(self, eval_cfg: EvalConfig, rank: int, world_size: int):
@@ -84,7 +100,7 @@ class RunData:
         if cfg.format == "ffcv":
             return eval_loader_beton(cfg.val, eval_cfg, cfg.eval_batch, rank, world_size, cfg.workers)
         return eval_loader_wds(self.val_info, cfg.val_split, eval_cfg, cfg.eval_batch, rank, world_size,
-                               cfg.workers)
+                               cfg.workers, reduced_decode=cfg.eval_reduced_decode)
 
 
 def _read(path: str, key: str) -> ShardInfo:
@@ -95,12 +111,15 @@ def _read(path: str, key: str) -> ShardInfo:
 
 
 def eval_loader_wds(info: ShardInfo, split: str, eval_cfg: EvalConfig, batch: int, rank: int,
-                    world_size: int, workers: int):
-    """Each sample of a shard split once across ranks, with the official transform of `eval_cfg`."""
+                    world_size: int, workers: int, reduced_decode: bool = False):
+    """Each sample of a shard split once across ranks, with the official transform of `eval_cfg`:
+    a full-size decode, then resize and crop, as the official PIL pipeline (pixel-exact). With
+    `reduced_decode`, large JPEGs are decoded at a reduced DCT scale (faster, not pixel-exact)."""
     from .wds_loader import WdsLoader
+    min_side = min_decode_side(eval_cfg.input_size, eval_cfg=eval_cfg) if reduced_decode else 0
     return WdsLoader(info.split(split), batch, rank, world_size, workers,
                      transform=eval_transform(eval_cfg, normalize=False), train=False,
-                     decode_min_side=min_decode_side(eval_cfg.input_size, eval_cfg=eval_cfg))
+                     decode_min_side=min_side)
 
 
 def eval_loader_beton(path: str, eval_cfg: EvalConfig, batch: int, rank: int, world_size: int, workers: int):

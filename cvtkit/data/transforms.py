@@ -6,6 +6,9 @@
 - `finetune`: CvT's fine-tuning transform: resize to (s + 32)^2 then random crop s, flip (416 -> 384).
 - evaluation from a model's `EvalConfig` (docs/evaluation.md): resize 256 + centre crop 224 at
   crop ratio 0.875, or a square warp with no crop (CvT at 384).
+
+`train_decoder` is the same DeiT transform from JPEG bytes (`cvtkit.data.jpeg`), which the shard
+loaders use: the crop is drawn before decoding, so the decode can be reduced to what it needs.
 """
 from __future__ import annotations
 
@@ -71,6 +74,25 @@ def train_transform(cfg: AugmentConfig, size: int, mean=IMAGENET_MEAN, std=IMAGE
     else:
         steps = [T.Resize((size, size), interpolation=_INTERP[cfg.interpolation])]
     return T.Compose(steps + _to_tensor(mean, std, normalize))
+
+
+def train_decoder(cfg: AugmentConfig, size: int):
+    """JPEG bytes -> uint8 `[3, size, size]` for the DeiT recipe (random erasing and normalisation
+    are left to the device), or None for the other kinds (they take PIL images:
+    `train_transform`)."""
+    if cfg.kind != "deit":
+        return None
+    from timm.data import create_transform
+
+    from .jpeg import DeitCropDecoder
+    # timm builds the part after the flip (RandAugment, or colour jitter without it) exactly as
+    # in `train_transform`; the crop and flip it builds are replaced by the decoder's own.
+    _, colour, _ = create_transform(
+        input_size=size, is_training=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment,
+        interpolation=cfg.interpolation, use_prefetcher=True, separate=True)
+    return DeitCropDecoder(cfg.scale, cfg.ratio, cfg.hflip, cfg.interpolation, size,
+                           colour if colour.transforms else None)
 
 
 def eval_transform(cfg: EvalConfig, normalize: bool = True):

@@ -11,6 +11,9 @@ another. Each slot shuffles raw samples in a buffer seeded by (seed, epoch, slot
 Resume: the position is the number of batches delivered in the epoch; a restarted worker skips its
 share of raw samples without decoding them, so the continued epoch equals an uninterrupted one.
 Evaluation: no shuffle, no cycling: every sample exactly once across all ranks.
+Transforms: a PIL transform gets the decoded image; one marked `takes_bytes`
+(`transforms.train_decoder`) gets the JPEG bytes and decodes only what its crop needs. Workers
+collate into shared memory, so a batch reaches the trainer's process without another copy.
 Damage: a sample that does not decode, or a shard that cannot be read (truncated, corrupt), is
 skipped with a warning and counted (`WdsLoader.damaged`); training draws the next sample instead,
 so every rank still delivers its batches. Resume stays exact on undamaged data; after a skip the
@@ -18,6 +21,7 @@ resumed epoch can be off by the samples skipped before the stop.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import logging
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from cvtkit.errors import CvtkitError
 
@@ -134,29 +138,47 @@ class _SlotStream(IterableDataset):
         if quota is not None and quota <= 0:
             return
         for index, sample in enumerate(stream, start=first):
-            try:
-                img, label, key = _decode(sample, self.decode_min_side)
-            except Exception as e:  # noqa: BLE001 - PIL raises many kinds for damaged bytes
-                self._count_damage(f"sample {sample.get('__key__')} of {sample.get('__url__')}", e)
-                bad_in_a_row += 1
-                if bad_in_a_row > slot_samples:
-                    raise DamagedData(f"every sample of {', '.join(self.shards.urls[i] for i in ids)} "
-                                      f"is damaged") from e
-                continue
+            with _sample_rng(f"{self.seed}:{self.epoch}:{slot}:{index}" if self.train else None, info is None):
+                try:
+                    img, label, key = self._load(sample)
+                except Exception as e:  # noqa: BLE001 - PIL and libjpeg-turbo raise many kinds for damaged bytes
+                    self._count_damage(f"sample {sample.get('__key__')} of {sample.get('__url__')}", e)
+                    bad_in_a_row += 1
+                    if bad_in_a_row > slot_samples:
+                        raise DamagedData(f"every sample of {', '.join(self.shards.urls[i] for i in ids)} "
+                                          f"is damaged") from e
+                    continue
+                if self.transform is not None:
+                    img = self.transform(img)
             bad_in_a_row = 0
             delivered += 1
-            if self.transform is not None and self.train:
-                # Without workers this runs in the trainer's process: keep its RNG untouched.
-                saved = _rng_states() if info is None else None
-                _seed_sample(f"{self.seed}:{self.epoch}:{slot}:{index}")
-                img = self.transform(img)
-                if saved is not None:
-                    _set_rng_states(saved)
-            elif self.transform is not None:
-                img = self.transform(img)
             yield (img, label, key) if self.with_keys else (img, label)
             if quota is not None and delivered >= quota:
                 break
+
+    def _load(self, sample: dict):
+        """The sample's image as the transform takes it: decoded by PIL, or, for a transform of
+        JPEG bytes (`takes_bytes`), its crop drawn and decoded. The one step that reads the
+        sample's bytes, so the one whose errors count as damage."""
+        if getattr(self.transform, "takes_bytes", False):
+            return self.transform.decode(sample["jpg"]), int(sample["cls"]), sample["__key__"]
+        return _decode(sample, self.decode_min_side)
+
+
+@contextlib.contextmanager
+def _sample_rng(name: str | None, in_trainer: bool):
+    """Seed the augmentation RNGs from the sample's place in the epoch (`name`; None: leave them
+    alone). In the trainer's own process (no workers) its RNG states are put back afterwards."""
+    if name is None:
+        yield
+        return
+    saved = _rng_states() if in_trainer else None
+    _seed_sample(name)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            _set_rng_states(saved)
 
 
 def _seed_sample(name: str) -> None:
@@ -165,7 +187,9 @@ def _seed_sample(name: str) -> None:
     seed = zlib.crc32(name.encode())
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    # The CPU generator only: torch.manual_seed also queues a CUDA seeding with its stack trace
+    # (about 1 ms a sample, measured) and would reseed the trainer's CUDA RNG without workers.
+    torch.default_generator.manual_seed(seed)
 
 
 def _rng_states() -> tuple:
@@ -193,7 +217,10 @@ def resume_position(state: dict, world_size: int, batch_size: int) -> tuple[int,
 
 
 def _collate(batch):
-    images = torch.stack([b[0] for b in batch]) if isinstance(batch[0][0], torch.Tensor) else [b[0] for b in batch]
+    # default_collate stacks into shared memory inside a worker: the batch crosses to the
+    # trainer's process without the extra copy that pickling a plain tensor makes.
+    tensors = isinstance(batch[0][0], torch.Tensor)
+    images = default_collate([b[0] for b in batch]) if tensors else [b[0] for b in batch]
     labels = torch.tensor([b[1] for b in batch])
     return (images, labels, [b[2] for b in batch]) if len(batch[0]) == 3 else (images, labels)
 
