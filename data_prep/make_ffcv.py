@@ -6,7 +6,7 @@ Make the shards first with data_prep/make_shards.py (the same sources, same labe
 """
 import sys
 
-from cvtkit.data.cli import make_ffcv_main
+from cvtkit.prep.cli import make_ffcv_main
 
 if __name__ == "__main__":
     sys.exit(make_ffcv_main())

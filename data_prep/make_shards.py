@@ -11,7 +11,7 @@ The source is listed once, into OUT/_index/ (reused by every restart). Under a S
 """
 import sys
 
-from cvtkit.data.cli import make_shards_main
+from cvtkit.prep.cli import make_shards_main
 
 if __name__ == "__main__":
     sys.exit(make_shards_main())

@@ -5,7 +5,7 @@ Exits non-zero on any mismatch, listing each one.
 """
 import sys
 
-from cvtkit.data.cli import verify_shards_main
+from cvtkit.prep.cli import verify_shards_main
 
 if __name__ == "__main__":
     sys.exit(verify_shards_main())

@@ -8,7 +8,7 @@ process, or many under torchrun / srun (each rank evaluates its share; the sums 
 """
 import sys
 
-from cvtkit.finetune.evaluation import main
+from cvtkit.eval.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@ Writes OUT/model.safetensors and OUT/cvtkit.json (model, classes, evaluation met
 """
 import sys
 
-from cvtkit.finetune.export import main
+from cvtkit.eval.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

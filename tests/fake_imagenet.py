@@ -136,3 +136,18 @@ def damage(shard: Path, how: str) -> None:
                 data = b"\xff\xd8 this is not a JPEG"
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
+
+
+def scan(root, val_labels=None):
+    """Every image of the source at `root`, listed in memory (nothing stored), as `Source`; raises
+    `SourceError` as `prep.run` would before any work starts. `prep.run` itself keeps the listing
+    in a stored index (`cvtkit.prep.source_index`)."""
+    from cvtkit.prep.plan import check_unique_keys
+    from cvtkit.prep.source_index import list_source
+    from cvtkit.prep.sources import Source
+
+    index = list_source(Path(root), val_labels)
+    for split in index.tables:
+        check_unique_keys(index, split)
+    splits = {split: index.items(split, range(len(table))) for split, table in index.tables.items()}
+    return Source(index.layout, index.root, splits, index.rejected)

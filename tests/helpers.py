@@ -41,7 +41,7 @@ def make_tiny_shards(root: Path, per_class=16, val_per_class=4, shard_samples=20
     """Shards of coloured classes a tiny model learns in a few steps. By default 4 synsets x 16 =
     64 training samples in 4 shards of at most 20, and 4 x 4 = 16 validation samples; with the tiny
     config's global batch 16 that is 64 / 16 = 4 steps per epoch, 16 steps for its 4 epochs."""
-    from cvtkit.data.prep import PrepOptions, run
+    from cvtkit.prep.pipeline import PrepOptions, run
     src = fake.make_colour_classes(root / "src", per_class=per_class, val_per_class=val_per_class,
                                    synsets=synsets)
     out = root / "shards"

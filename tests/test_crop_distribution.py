@@ -9,7 +9,7 @@ import torch
 from scipy.stats import ks_2samp
 from timm.data.transforms import RandomResizedCropAndInterpolation as RRC
 
-from cvtkit.data.jpeg import RandomResizedCropParams
+from cvtkit.data.jpeg_crop import RandomResizedCropParams
 
 DRAWS = 20_000  # enough to tell a uniform aspect ratio from timm's log-uniform one
 

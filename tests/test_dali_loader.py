@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cvtkit.data.dali_index import INDEX_FOLDER, shard_index
+from cvtkit.data.dali_index_cache import INDEX_FOLDER, shard_index
 from cvtkit.data.dali_loader import DaliLoader
-from cvtkit.data.prep import PrepOptions, run
-from cvtkit.data.shard_info import ShardSet
+from cvtkit.prep.pipeline import PrepOptions, run
+from cvtkit.shards import ShardSet
 from cvtkit.data.transforms import AugmentConfig
 from cvtkit.data.wds_loader import DamagedData
 
@@ -70,7 +70,7 @@ def test_index_of_a_read_only_shard_folder_goes_to_the_cache(shards, tmp_path):
     folder = tmp_path / "ro"
     shutil.copytree(shards, folder, ignore=shutil.ignore_patterns(INDEX_FOLDER))
     cache = tmp_path / "cache"
-    code = (f"from cvtkit.data.dali_index import shard_index; "
+    code = (f"from cvtkit.data.dali_index_cache import shard_index; "
             f"print(shard_index({str(sorted(folder.glob('*-train-*.tar'))[0])!r}).path)")
     script = (f"mount --bind {folder} {folder} && mount -o remount,ro,bind {folder} && "
               f"CVTKIT_CACHE={cache} {sys.executable} -c {code!r}")

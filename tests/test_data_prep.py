@@ -11,10 +11,10 @@ import pytest
 import timm.data
 from PIL import Image
 
-from cvtkit.data.images import BadImage, Resize, prepare_image
-from cvtkit.data.prep import INFO_FILE, MANIFEST_DIR, PrepOptions, run
-from cvtkit.data.verify import verify
-from cvtkit.data.sources import SourceError, scan
+from cvtkit.prep.convert_image import BadImage, Resize, prepare_image
+from cvtkit.prep.pipeline import INFO_FILE, MANIFEST_DIR, PrepOptions, run
+from cvtkit.prep.verify import verify
+from cvtkit.prep.sources import SourceError
 
 import fake_imagenet as fake
 
@@ -110,7 +110,7 @@ def test_output_is_deterministic_whatever_the_workers(tmp_path):
 
 def test_tar_of_synset_tars_is_read_in_place(tmp_path):
     tar = fake.make_tar22k(tmp_path / "fall11_whole.tar")
-    source = scan(tar)
+    source = fake.scan(tar)
     assert source.layout == "tar22k"
     assert sorted(r for _, r in source.rejected) == ["'..' in tar member path", "absolute path in tar member"]
     info = run(opts(source=str(tar), out=str(tmp_path / "out"), shard_samples=6, holdout=2),
@@ -127,7 +127,7 @@ def test_compressed_tar_is_streamed_to_the_same_shards(tmp_path):
     tar = fake.make_tar22k(tmp_path / "winter21_whole.tar")
     gz = tmp_path / "winter21_whole.tar.gz"
     gz.write_bytes(gzip.compress(tar.read_bytes()))
-    assert scan(gz).layout == "targz22k"
+    assert fake.scan(gz).layout == "targz22k"
     plain = run(opts(source=str(tar), out=str(tmp_path / "plain"), shard_samples=5, holdout=2), progress=False)
     streamed = run(opts(source=str(gz), out=str(tmp_path / "gz"), shard_samples=5, holdout=2), progress=False)
     assert shard_bytes(tmp_path / "gz") == shard_bytes(tmp_path / "plain")
@@ -220,7 +220,7 @@ def test_flat_val_without_labels_is_an_error(tmp_path):
     src = fake.make_imagenet1k(tmp_path / "in1k", flat_val="csv")
     (src / "LOC_val_solution.csv").unlink()
     with pytest.raises(SourceError, match="flat validation images need a labels file"):
-        scan(src)
+        fake.scan(src)
 
 
 def test_verify_shards_finds_damage(tmp_path):
@@ -251,7 +251,7 @@ def test_make_ffcv_writes_betons_that_ffcv_reads(tmp_path):
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
 
-    from cvtkit.data.ffcv_files import ShardIndex
+    from cvtkit.prep.beton import ShardIndex
 
     src = fake.make_imagenet1k(tmp_path / "in1k")
     run(opts(source=str(src), out=str(tmp_path / "wds"), shard_samples=16), progress=False)
@@ -281,7 +281,7 @@ def test_truncated_compressed_tar_is_a_clear_error(tmp_path):
     data = gzip.compress(tar.read_bytes())
     (tmp_path / "w.tar.gz").write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(SourceError, match="w.tar.gz: damaged tar"):
-        scan(tmp_path / "w.tar.gz")
+        fake.scan(tmp_path / "w.tar.gz")
 
 
 def test_slurm_array_slices_write_disjoint_shards(tmp_path):
@@ -358,7 +358,7 @@ def test_shards_cut_by_bytes(tmp_path):
     src = fake.make_imagenet1k(tmp_path / "in1k")
     limit = 3000
     info = run(opts(source=str(src), out=str(tmp_path / "out"), shard_bytes=limit), progress=False)
-    source_sizes = {i.key: i.size for i in scan(src).splits["train"]}
+    source_sizes = {i.key: i.size for i in fake.scan(src).splits["train"]}
     import tarfile
     for name in info["splits"]["train"]["filenames"]:
         with tarfile.open(tmp_path / "out" / name) as tar:

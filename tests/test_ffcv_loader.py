@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from cvtkit.data.ffcv_files import ShardIndex, write_beton
+from cvtkit.prep.beton import ShardIndex, write_beton
 from cvtkit.data.ffcv_loader import FfcvLoader, rank_indices
-from cvtkit.data.prep import PrepOptions, run
+from cvtkit.prep.pipeline import PrepOptions, run
 
 import fake_imagenet as fake
 

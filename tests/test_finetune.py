@@ -14,8 +14,8 @@ from torchvision import transforms as T
 import fake_imagenet as fake
 from cvtkit.checkpoint import latest_complete, tag_for
 from cvtkit.config_loader import load_config
-from cvtkit.data.prep import PrepOptions, run
-from cvtkit.finetune import evaluation
+from cvtkit.prep.pipeline import PrepOptions, run
+from cvtkit.eval import evaluate as evaluation
 from cvtkit.models import create_model, load_pretrained, model_from_export, save_export
 from cvtkit.models.heads import map_head
 from cvtkit.models.weights import CheckpointError, read_checkpoint
@@ -252,7 +252,7 @@ def test_evaluate_at_another_resolution_matches_a_hand_computation(data, zero3_r
     assert (got["top1"], got["top5"]) == (expected["top1"], expected["top5"])  # the same JPEG bytes
     assert got["loss"] == pytest.approx(expected["loss"], abs=1e-4)
 
-    from cvtkit.data.ffcv_files import write_beton
+    from cvtkit.prep.beton import write_beton
     beton = tmp_path / "validation.beton"
     write_beton(data["pre"], "validation", beton, max_resolution=64, workers=1)
     assert evaluation.main(["--checkpoint", str(zero3_run), "--data", str(beton), "--res", "48", "--workers", "0",

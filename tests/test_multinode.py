@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import fake_imagenet as fake
-from cvtkit.data.prep import INFO_FILE
+from cvtkit.prep.pipeline import INFO_FILE
 from cvtkit.checkpoint import complete_tags, tag_for
 
 from helpers import REPO, TINY_CONFIG, job_env, job_field, make_tiny_shards, metrics

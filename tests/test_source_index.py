@@ -13,10 +13,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 
-from cvtkit.data import claims, listing, plan as plan_module, prep
-from cvtkit.data.images import Resize
-from cvtkit.data.prep import INFO_FILE, MANIFEST_DIR, PrepOptions, ShardTask, process_shard, run
-from cvtkit.data.source_index import INDEX_DIR, SourceChanged
+from cvtkit.prep import claims, listing, pipeline as prep, plan as plan_module
+from cvtkit.prep.convert_image import Resize
+from cvtkit.prep.pipeline import INFO_FILE, MANIFEST_DIR, PrepOptions, ShardTask, process_shard, run
+from cvtkit.prep.source_index import INDEX_DIR, SourceChanged
 
 import fake_imagenet as fake
 
@@ -125,7 +125,7 @@ def test_a_changed_source_is_listed_again_or_refused(tmp_path, layout, change, c
 # make_shards.py, SIGKILLed by itself at a chosen point of the index build.
 KILLER = """
 import os, runpy, signal, socket, sys
-from cvtkit.data import plan, source_index
+from cvtkit.prep import plan, source_index
 point, calls = sys.argv[1], [0]
 
 def kill_at(original, call, half):

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvtkit.data.prep import PrepOptions, run
+from cvtkit.prep.pipeline import PrepOptions, run
 from cvtkit.data.transforms import eval_transform
-from cvtkit.data.shard_info import ShardFolderError
-from cvtkit.data.wds_loader import ShardSet, WdsLoader, slot_plan
+from cvtkit.shards import ShardFolderError
+from cvtkit.data.wds_loader import WdsLoader, slot_plan
+from cvtkit.shards import ShardSet
 from cvtkit.models.factory import EvalConfig
 
 import fake_imagenet as fake
@@ -242,8 +243,8 @@ def test_evaluation_is_pixel_exact_to_pil_by_default(tmp_path):
     decode is an option (and not pixel-exact)."""
     from PIL import Image
 
-    from cvtkit.data.loaders import eval_loader_wds
-    from cvtkit.data.shard_info import ShardInfo
+    from cvtkit.data.config import eval_loader_wds
+    from cvtkit.shards import ShardInfo
     from cvtkit.models.factory import CENTER_224
     src, out = photo_shards(tmp_path)
     official = eval_transform(CENTER_224, normalize=False)
@@ -262,7 +263,7 @@ def test_jpeg_bytes_path_is_pils_crop_within_a_grey_level():
     from PIL import Image
     from torchvision.transforms import functional as TF
 
-    from cvtkit.data import jpeg
+    from cvtkit.data import jpeg_crop as jpeg
     raw = fake.jpeg(random.Random(3), size=(1200, 900))
     full = Image.open(io.BytesIO(raw)).convert("RGB")
     for box, reduction in [((100, 200, 300, 400), 1), ((0, 100, 900, 1000), 4)]:

@@ -38,9 +38,10 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from cvtkit.data.prep import PrepOptions, run
+from cvtkit.prep.pipeline import PrepOptions, run
 from cvtkit.data.transforms import AugmentConfig, min_decode_side, train_decoder, train_transform
-from cvtkit.data.wds_loader import ShardSet, WdsLoader
+from cvtkit.data.wds_loader import WdsLoader
+from cvtkit.shards import ShardSet
 
 DEIT, RRC_FLIP = "DeiT", "RRC + flip"
 
@@ -182,7 +183,7 @@ def print_profile(shards: ShardSet, size: int, rows: dict, workers: int, limit: 
     by stage, then the loaders' trainer-process share (IPC, collation in the trainer)."""
     from timm.data.transforms import RandomResizedCropAndInterpolation
 
-    from cvtkit.data import jpeg
+    from cvtkit.data import jpeg_crop as jpeg
     aug = AugmentConfig()
     images = _samples(shards, limit)
     timm = _timm(size, aug.auto_augment).transforms
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         run(PrepOptions(source=str(src), out=str(work / "wds"), holdout=0, shard_samples=100,
                         workers=args.workers), progress=False)
         if not args.no_ffcv:
-            from cvtkit.data.ffcv_files import write_beton
+            from cvtkit.prep.beton import write_beton
             write_beton(work / "wds", "train", work / "train.beton", max_resolution=512, workers=args.workers)
         rows = loaders(work, src, args.size, args.batch_size, args.workers)
         print_table(measure(rows, args.repeats), args.images, args.size, args.batch_size, args.workers,

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cvtkit.data.prep import PrepOptions, run
+from cvtkit.prep.pipeline import PrepOptions, run
 
 FALL11_IMAGES = 14_197_122
 
@@ -98,7 +98,7 @@ def _list_before(source: str) -> int:
     """The listing before the index: tarfile for every header, one Item object per image."""
     from pathlib import PurePosixPath
 
-    from cvtkit.data.sources import Item, TarWindow, sample_key
+    from cvtkit.prep.sources import Item, TarWindow, sample_key
     items = []
     with tarfile.open(source, "r:") as outer:
         for member in outer:
@@ -112,9 +112,9 @@ def _list_before(source: str) -> int:
 
 def _measure(spec: dict) -> dict:
     """One measurement, in a process of its own: a make_shards run, or a listing alone."""
-    from cvtkit.data import prep
-    from cvtkit.data.listing import Workers
-    from cvtkit.data.source_index import open_index, survey
+    from cvtkit.prep import pipeline as prep
+    from cvtkit.prep.listing import Workers
+    from cvtkit.prep.source_index import open_index, survey
 
     start = time.perf_counter()
     if spec["mode"] == "before":

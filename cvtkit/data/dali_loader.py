@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .dali_index import UnindexableShard, shard_index
-from .shard_info import ShardFolderError, ShardSet
+from .dali_index_cache import UnindexableShard, shard_index
+from cvtkit.shards import ShardFolderError, ShardSet
 from .transforms import AugmentConfig
 from .wds_loader import DamagedData, resume_position, slot_plan
 

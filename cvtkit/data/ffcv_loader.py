@@ -20,7 +20,7 @@ import torch
 
 from cvtkit.models.factory import EvalConfig
 
-from .shard_info import ShardFolderError
+from cvtkit.shards import ShardFolderError
 from .transforms import AugmentConfig
 from .wds_loader import resume_position
 

@@ -7,7 +7,7 @@
 - evaluation from a model's `EvalConfig` (docs/evaluation.md): resize 256 + centre crop 224 at
   crop ratio 0.875, or a square warp with no crop (CvT at 384).
 
-`train_decoder` is the same DeiT transform from JPEG bytes (`cvtkit.data.jpeg`), which the shard
+`train_decoder` is the same DeiT transform from JPEG bytes (`cvtkit.data.jpeg_crop`), which the shard
 loaders use: the crop is drawn before decoding, so the decode can be reduced to what it needs.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def train_decoder(cfg: AugmentConfig, size: int):
         return None
     from timm.data import create_transform
 
-    from .jpeg import DeitCropDecoder
+    from .jpeg_crop import DeitCropDecoder
     # timm builds the part after the flip (RandAugment, or colour jitter without it) exactly as
     # in `train_transform`; the crop and flip it builds are replaced by the decoder's own.
     _, colour, _ = create_transform(

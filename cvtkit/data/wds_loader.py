@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from cvtkit.errors import CvtkitError
 
-from .shard_info import ShardFolderError, ShardSet
+from cvtkit.shards import ShardFolderError, ShardSet
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from cvtkit.atomic import write_text_atomic
-from cvtkit.data.shard_info import folder_synsets
+from cvtkit.shards import folder_synsets
 from cvtkit.device import any_rank
 from cvtkit.models.heads import HEAD_KEYS, describe_missing, map_head
 from cvtkit.models.weights import (Checkpoint, CheckpointError, checkpoint_classes,

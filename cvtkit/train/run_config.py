@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cvtkit.config_loader import require
-from cvtkit.data.loaders import DataConfig
+from cvtkit.data.config import DataConfig
 from cvtkit.models.factory import ModelConfig
 
 

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from cvtkit.checkpoint import ResumeError, has_tag_folders, latest_complete, read_meta
 from cvtkit.config_loader import ConfigError, save_config
 from cvtkit.data.device_batch import DeviceBatch
-from cvtkit.data.loaders import RunData
-from cvtkit.data.shard_info import class_list_sha256
+from cvtkit.data.config import RunData
+from cvtkit.shards import class_list_sha256
 from cvtkit.device import DTYPES, any_rank, collective_device
 from cvtkit.dist import DistEnv, discover
 from cvtkit.errors import CvtkitError

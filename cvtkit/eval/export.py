@@ -14,10 +14,11 @@ from pathlib import Path
 import torch.nn as nn
 
 from cvtkit.errors import CvtkitError
+from cvtkit.shards import class_records
 from cvtkit.models.factory import eval_config
 from cvtkit.models.weights import checkpoint_classes, model_from_checkpoint, save_export
 
-from .evaluation import trained_res
+from .evaluate import trained_res
 
 
 def export(source: str, out: str, model_name: str | None = None, use_ema: bool = False) -> tuple[nn.Module, dict]:
@@ -26,8 +27,7 @@ def export(source: str, out: str, model_name: str | None = None, use_ema: bool =
     classes = ckpt.metadata.get("classes") if ckpt.source_format == "export" else None
     synsets = checkpoint_classes(ckpt)
     if classes is None and synsets is not None:
-        from cvtkit.data.prep import class_names
-        classes = [{"index": i, "synset": s, "name": n} for i, (s, n) in enumerate(zip(synsets, class_names(synsets)))]
+        classes = class_records(synsets)
     res = trained_res(ckpt)
     if res is not None:  # the size it was trained / fine-tuned for, e.g. a CvT at 384
         model.eval_cfgs.setdefault(res, eval_config(model, res))

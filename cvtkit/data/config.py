@@ -13,7 +13,7 @@ from typing import Literal
 from cvtkit.config_loader import require
 from cvtkit.models.factory import EvalConfig
 
-from .shard_info import ShardFolderError, ShardInfo
+from cvtkit.shards import ShardFolderError, ShardInfo
 from .transforms import AugmentConfig, eval_transform, min_decode_side, train_decoder, train_transform
 
 

@@ -25,6 +25,25 @@ def class_list_sha256(synsets: list[str]) -> str:
     return hashlib.sha256("\n".join(synsets).encode()).hexdigest()
 
 
+def class_names(synsets: list[str]) -> list[str]:
+    """Human-readable names of synsets from timm's lists; a synset outside them keeps its id."""
+    from timm.data import ImageNetInfo  # timm imports torch: kept out of prep's worker processes
+
+    info = ImageNetInfo("imagenet-22k")
+    names = []
+    for s in synsets:
+        try:
+            names.append(info.label_name_to_description(s))
+        except KeyError:
+            names.append(s)
+    return names
+
+
+def class_records(synsets: list[str]) -> list[dict]:
+    """The class list as `_info.json` and an export's metadata write it: index, synset, name."""
+    return [{"index": i, "synset": s, "name": n} for i, (s, n) in enumerate(zip(synsets, class_names(synsets)))]
+
+
 @dataclass(frozen=True)
 class ShardSet:
     """The shards of one split as `_info.json` lists them (local paths or URLs)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .shard_info import ShardInfo
+from cvtkit.shards import ShardInfo
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ def _check_train(root: Path, layout: str, tables: dict[str, Table]) -> None:
 
 
 def list_source(root: Path, val_labels: str | Path | None = None) -> SourceIndex:
-    """List a source in this process, storing nothing (tests, `sources.scan`)."""
+    """List a source in this process, storing nothing (tests)."""
     found = survey(root, val_labels)
     if found.layout == "targz22k":
         tables, rejected = _tables_by_split([({"train": t}, r) for t, r in list_stream(root)])

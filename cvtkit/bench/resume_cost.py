@@ -2,7 +2,7 @@
 shards) trained one step by 2 CPU ranks under ZeRO-2 bf16 and saved, converted with DeepSpeed's
 `ds_to_universal` (`python -m cvtkit.train.reshard`), then loaded by 1 and by 4 ranks.
 
-    python -m cvtkit.bench.reshard [--work DIR] [--keep]
+    python -m cvtkit.bench.resume_cost [--work DIR] [--keep]
 
 Prints one table: wall time and peak resident memory (the largest of the ranks) of each phase,
 measured with /usr/bin/time, and the checkpoint's size. Needs about 12 GB of memory and a few GB
@@ -35,7 +35,7 @@ def make_shards(root: Path) -> Path:
     import numpy as np
     from PIL import Image
 
-    from cvtkit.data.prep import PrepOptions, run
+    from cvtkit.prep.pipeline import PrepOptions, run
     rng = np.random.default_rng(0)
     for split, count in (("train", 8), ("val", 2)):  # 32 training images: 4 steps of 8
         for synset in SYNSETS:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .prep import INFO_FILE
-from .shardfile import file_sha256
+from cvtkit.shards import INFO_FILE
+
+from .tar_writer import file_sha256
 
 
 def verify(out: str | Path, decode_per_shard: int = 2) -> list[str]:

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from cvtkit.data.eval_sets import EvalDataError, folder_eval_loader
-from cvtkit.data.loaders import eval_loader_beton, eval_loader_wds
-from cvtkit.data.shard_info import ShardInfo, folder_synsets
+from cvtkit.data.config import eval_loader_beton, eval_loader_wds
+from cvtkit.shards import ShardInfo, folder_synsets
 from cvtkit.device import DTYPES, backend_for, local_device
 from cvtkit.dist import discover
 from cvtkit.errors import CvtkitError

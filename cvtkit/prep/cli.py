@@ -8,8 +8,8 @@ from pathlib import Path
 
 from cvtkit.errors import CvtkitError
 
-from .ffcv_files import write_beton
-from .prep import PrepOptions, run
+from .beton import write_beton
+from .pipeline import PrepOptions, run
 from .verify import verify
 
 

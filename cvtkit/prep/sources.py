@@ -186,17 +186,3 @@ def detect_layout(root: Path) -> str:
 def has_flat_val(root: Path) -> bool:
     """An imagenet1k source whose val/ holds the images directly (labelled by a file)."""
     return (root / "val").is_dir() and not synset_dirs(root / "val")
-
-
-def scan(root: str | Path, val_labels: str | Path | None = None) -> Source:
-    """Locate every image of the source at `root` (in memory, nothing stored); raise `SourceError`
-    before any work starts. For small sources and tests: `prep.run` keeps the listing as columns
-    in a stored index instead (`cvtkit.data.source_index`)."""
-    from .plan import check_unique_keys
-    from .source_index import list_source
-
-    index = list_source(Path(root), val_labels)
-    for split in index.tables:
-        check_unique_keys(index, split)
-    splits = {split: index.items(split, range(len(table))) for split, table in index.tables.items()}
-    return Source(index.layout, index.root, splits, index.rejected)

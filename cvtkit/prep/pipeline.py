@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from cvtkit.errors import CvtkitError
 
-from .images import BadImage, Resize, prepare_image
+from .convert_image import BadImage, Resize, prepare_image
 from .listing import Workers
 from .plan import Plan, PlannedShard, load_or_compute_plan
-from .shard_info import INFO_FILE, class_list_sha256
-from .shardfile import write_json_atomic, write_shard
+from cvtkit.shards import INFO_FILE, class_list_sha256, class_records
+from .tar_writer import write_json_atomic, write_shard
 from .source_index import SourceIndex, open_index, survey
 from .sources import Item, Source, SourceError
 from .spool import spool
@@ -130,19 +130,6 @@ def process_shard(task: ShardTask) -> ShardResult:
         samples.append((item.key, img.jpeg, label, record))
     digest = write_shard(task.path, samples)
     return ShardResult(task.split, task.index, task.path.name, len(samples), digest, skipped, converted)
-
-
-def class_names(synsets: list[str]) -> list[str]:
-    from timm.data import ImageNetInfo  # timm imports torch: kept out of the worker processes
-
-    info = ImageNetInfo("imagenet-22k")
-    names = []
-    for s in synsets:
-        try:
-            names.append(info.label_name_to_description(s))
-        except KeyError:  # a synset outside timm's lists keeps its id as name
-            names.append(s)
-    return names
 
 
 def synset_map_1k(classes: list[str]) -> dict[str, int | None]:
@@ -292,7 +279,6 @@ def build_info(opts: PrepOptions, source: Source, classes: list[str], split_name
     by_split: dict[str, list[ShardResult]] = {}
     for r in sorted(results, key=lambda r: (r.split, r.index)):
         by_split.setdefault(r.split, []).append(r)
-    names = class_names(classes)
     skipped = sorted({tuple(s) for r in results for s in r.skipped})
     converted = sorted({tuple(c) for r in results for c in r.converted})
     info = {
@@ -300,7 +286,7 @@ def build_info(opts: PrepOptions, source: Source, classes: list[str], split_name
         "source": {"path": str(source.root), "layout": source.layout},
         "options": opts.fingerprint(),
         "num_classes": len(classes),
-        "classes": [{"index": i, "synset": s, "name": n} for i, (s, n) in enumerate(zip(classes, names))],
+        "classes": class_records(classes),
         "classes_sha256": class_list_sha256(classes),
         "splits": {
             split: {
