@@ -46,7 +46,8 @@ import torch
 from .dali_index_cache import UnindexableShard, shard_index
 from cvtkit.shards import ShardFolderError, ShardSet
 from .transforms import AugmentConfig
-from .wds_loader import DamagedData, resume_position, slot_plan
+from .position import EpochLoader
+from .wds_loader import DamagedData, slot_plan
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class EpochPlan:
 
 
 @dataclass
-class DaliLoader:
+class DaliLoader(EpochLoader):
     """Batches `(uint8 images [B, 3, S, S], int64 labels [B])` of one rank from webdataset
     shards through DALI. Images are on the GPU with device "gpu", on the CPU otherwise."""
     shards: ShardSet
@@ -96,7 +97,8 @@ class DaliLoader:
                                    f"{self.batch_size} to each of {self.world_size} ranks")
         if self.device is None:
             self.device = "gpu" if torch.cuda.is_available() else "cpu"
-        self.epoch, self.batches_done, self.damaged = 0, 0, 0
+        self.train, self.damaged = True, 0
+        self._start_position()
         self._pipe, self._checkpoint = None, None
 
     def __len__(self) -> int:
@@ -104,7 +106,8 @@ class DaliLoader:
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.batches_done, self._checkpoint = epoch, 0, None
+            self._checkpoint = None
+        super().set_epoch(epoch)
 
     def state_dict(self) -> dict:
         """The position, plus DALI's checkpoint of the epoch's pipeline as a uint8 tensor (the run
@@ -113,12 +116,11 @@ class DaliLoader:
         checkpoint = self._pipe.checkpoint() if live else self._checkpoint
         if isinstance(checkpoint, str):
             checkpoint = checkpoint.encode("latin-1")
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "world_size": self.world_size,
-                "batch_size": self.batch_size, "seed": self.seed,
+        return {**super().state_dict(),
                 "dali": None if checkpoint is None else torch.frombuffer(bytearray(checkpoint), dtype=torch.uint8)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_done = resume_position(state, self.world_size, self.batch_size)
+        super().load_state_dict(state)
         exact = state["world_size"] == self.world_size and state["batch_size"] == self.batch_size
         saved = state.get("dali")
         if exact and self.batches_done and saved is None:
@@ -150,17 +152,19 @@ class DaliLoader:
             raise DamagedData(f"no readable sample in {', '.join(self.shards.urls[order[i]] for i in ids)}")
         return EpochPlan(paths, index_paths, stride, phase, samples, damaged)
 
-    def __iter__(self):
-        plan = self.plan(self.epoch)
+    def _epoch_batches(self, epoch: int, skip: int):
+        plan = self.plan(epoch)
         self.damaged += plan.damaged
         self._pipe = self._build(plan, self._checkpoint)
         self._checkpoint = None
-        for _ in range(len(self) - self.batches_done):
+        for _ in range(len(self) - skip):
             outputs = self._pipe.run()
-            self.batches_done += 1
             batch = _images(outputs[0]), _labels(outputs[1])
             yield (*batch, _names(outputs[2])) if self.with_keys else batch
-        self.epoch, self.batches_done, self._pipe = self.epoch + 1, 0, None
+
+    def _epoch_ended(self) -> None:
+        # A checkpoint loaded at the very end of an epoch belongs to that epoch, not the next.
+        self._pipe = self._checkpoint = None
 
     def _build(self, plan: EpochPlan, checkpoint):
         from nvidia.dali import pipeline_def

@@ -22,7 +22,7 @@ from cvtkit.models.factory import EvalConfig
 
 from cvtkit.shards import ShardFolderError
 from .transforms import AugmentConfig
-from .wds_loader import resume_position
+from .position import EpochLoader
 
 
 def rank_indices(num_samples: int, rank: int, world_size: int, batch_size: int, seed: int,
@@ -37,7 +37,7 @@ def rank_indices(num_samples: int, rank: int, world_size: int, batch_size: int, 
 
 
 @dataclass
-class FfcvLoader:
+class FfcvLoader(EpochLoader):
     """Batches `(uint8 images [B, 3, S, S], labels [B])` of one rank from a `.beton` file."""
     path: str
     batch_size: int
@@ -56,7 +56,7 @@ class FfcvLoader:
         if self.train and self.num_samples < self.world_size * self.batch_size:
             raise ShardFolderError(f"{self.path}: {self.num_samples} samples cannot give one batch of "
                              f"{self.batch_size} to each of {self.world_size} ranks")
-        self.epoch, self.batches_done = 0, 0
+        self._start_position()
         self._loader = self._order = None
 
     def __len__(self) -> int:
@@ -82,17 +82,6 @@ class FfcvLoader:
             image = [CenterCropRGBImageDecoder((cfg.input_size, cfg.input_size), ratio=cfg.crop_pct)]
         return {"image": image + [ToTensor(), ToTorchImage()], "label": [IntDecoder(), ToTensor()]}
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.batches_done = epoch, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done,
-                "world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_done = resume_position(state, self.world_size, self.batch_size)
-
     def _ffcv_loader(self):
         """ffcv's Loader, built (and its pipeline compiled) once per run: each epoch only hands
         its order the rank's indices for that epoch."""
@@ -107,9 +96,9 @@ class FfcvLoader:
                                   pipelines=self._pipelines())
         return self._loader
 
-    def __iter__(self):
+    def _epoch_batches(self, epoch: int, skip: int):
         indices = rank_indices(self.num_samples, self.rank, self.world_size, self.batch_size,
-                               self.seed, self.epoch, self.train, self.batches_done if self.train else 0)
+                               self.seed, epoch, self.train, skip)
         if len(indices) == 0:
             return
         # ffcv sets PyTorch's thread count to its own workers' when its Loader is built and as an
@@ -120,13 +109,11 @@ class FfcvLoader:
         self._order.current = indices
         batches = iter(loader)
         torch.set_num_threads(threads)
-        for images, labels in batches:
-            if self.train:
-                self.batches_done += 1
-            yield images, labels.flatten().to(torch.int64)
-        torch.set_num_threads(threads)
-        if self.train:
-            self.epoch, self.batches_done = self.epoch + 1, 0
+        try:
+            for images, labels in batches:
+                yield images, labels.flatten().to(torch.int64)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _epoch_order():

@@ -40,6 +40,8 @@ from cvtkit.errors import CvtkitError
 
 from cvtkit.shards import ShardFolderError, ShardSet
 
+from .position import EpochLoader
+
 log = logging.getLogger(__name__)
 
 
@@ -202,20 +204,6 @@ def _set_rng_states(states: tuple) -> None:
     torch.set_rng_state(states[2])
 
 
-def resume_position(state: dict, world_size: int, batch_size: int) -> tuple[int, int]:
-    """(epoch, batches already delivered) for a loader state saved by this or another layout.
-
-    Same world size and batch: exact. Otherwise the same global sample count, logged as
-    approximate (which samples each rank saw differs)."""
-    if state["world_size"] == world_size and state["batch_size"] == batch_size:
-        return state["epoch"], state["batches_done"]
-    global_done = state["batches_done"] * state["batch_size"] * state["world_size"]
-    log.warning("resuming epoch %d on %d ranks x batch %d (was %d x %d): continuing from global "
-                "sample %d; the sample order is approximate", state["epoch"], world_size,
-                batch_size, state["world_size"], state["batch_size"], global_done)
-    return state["epoch"], global_done // (world_size * batch_size)
-
-
 def _collate(batch):
     # default_collate stacks into shared memory inside a worker: the batch crosses to the
     # trainer's process without the extra copy that pickling a plain tensor makes.
@@ -225,7 +213,7 @@ def _collate(batch):
     return (images, labels, [b[2] for b in batch]) if len(batch[0]) == 3 else (images, labels)
 
 
-class WdsLoader:
+class WdsLoader(EpochLoader):
     """Batches of one rank. Training: `len(loader)` batches per epoch on every rank, resumable
     through `state_dict()`; evaluation (`train=False`): each sample once across ranks."""
 
@@ -242,7 +230,7 @@ class WdsLoader:
         self.workers, self.seed, self.transform, self.train = workers, seed, transform, train
         self.shuffle_buffer, self.with_keys = shuffle_buffer, with_keys
         self.decode_min_side = decode_min_side
-        self.epoch, self.batches_done = 0, 0
+        self._start_position()
         self._damaged = multiprocessing.Value("q", 0)
 
     @property
@@ -260,29 +248,12 @@ class WdsLoader:
         """Samples this rank has delivered in the current epoch."""
         return self.batches_done * self.batch_size
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.batches_done = epoch, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "world_size": self.world_size,
-                "batch_size": self.batch_size, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_done = resume_position(state, self.world_size, self.batch_size)
-
-    def __iter__(self):
+    def _epoch_batches(self, epoch: int, skip: int):
         dataset = _SlotStream(self.shards, self.rank, self.world_size, self.batch_size, self.seed,
-                              self.epoch, self.transform, self.train, self.shuffle_buffer,
-                              self.batches_done if self.train else 0, self.with_keys,
-                              self.decode_min_side, self._damaged)
+                              epoch, self.transform, self.train, self.shuffle_buffer, skip,
+                              self.with_keys, self.decode_min_side, self._damaged)
         # Its own generator: creating the loader must not draw from the trainer's global RNG,
         # or a resumed run's dropout and mixup would differ from an uninterrupted one.
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
                             collate_fn=_collate, generator=torch.Generator().manual_seed(self.seed))
-        for batch in loader:
-            if self.train:
-                self.batches_done += 1
-            yield batch
-        if self.train:
-            self.epoch, self.batches_done = self.epoch + 1, 0
+        yield from loader
