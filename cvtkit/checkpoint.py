@@ -1,11 +1,13 @@
 """The checkpoint folders of a run, and reading them back: shared by the training engine (which
-writes them, `cvtkit.train.checkpointer`) and the model zoo (which reads their weights).
+writes them, `cvtkit.train.checkpointer`) and the model zoo (which reads their weights). The one
+module that spells the run folder's file names, and decides which state goes in which file.
 
+    <run>/config.yaml                        the resolved run config
     <run>/checkpoints/latest                 the tag of the newest *complete* checkpoint
     <run>/checkpoints/step00001000/          DeepSpeed's files (model, optimizer shards, zero_to_fp32.py)
         meta.json                            what the run was: model, classes, global batch, world size
-        trainer_rank00000.pt ...             per rank: RNG states and loader position
-        ema.pt                               the EMA weights, when the run keeps one
+        trainer_rank00000.pt ...             per rank: its RANK_STATES (RNG, loader position, counters)
+        ema.pt                               SHARED_STATES: the EMA weights, when the run keeps one
         COMPLETE                             written last, once every rank has finished
     <run>/checkpoints/step00001000_universal/  the same, converted for another number of ranks
 
@@ -31,6 +33,20 @@ log = logging.getLogger(__name__)
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 COMPLETE = "COMPLETE"
+LATEST = "latest"
+META_FILE = "meta.json"
+RUN_CONFIG_FILE = "config.yaml"
+UNIVERSAL_SUFFIX = "_universal"
+PARTIAL_SUFFIX = ".partial"
+
+# What a checkpoint holds besides DeepSpeed's own files (the model and optimizer, state "model"):
+# each rank's own states, in one file per rank; and states gathered whole and written by rank 0.
+MODEL_STATE = "model"
+RANK_STATES = ("rng", "loader", "trainer")
+# States that are the same on every rank, so a rank the checkpoint had no file for (more ranks
+# than it was saved with) takes rank 0's; anything else of such a rank starts afresh.
+SAME_ON_EVERY_RANK = ("loader", "trainer")
+SHARED_STATES = {"ema": "ema.pt"}
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 # What DeepSpeed itself pickles into its checkpoint files besides tensors and plain containers
@@ -51,6 +67,29 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def rank_state_file(tag_dir: Path, rank: int) -> Path:
+    return Path(tag_dir) / f"trainer_rank{rank:05d}.pt"
+
+
+def shared_state_file(tag_dir: Path, name: str) -> Path:
+    return Path(tag_dir) / SHARED_STATES[name]
+
+
+def universal_folder(ckpt_dir: Path, tag: str) -> Path:
+    """Where `tag` converted for another number of ranks lives (`cvtkit.train.reshard`)."""
+    return Path(ckpt_dir) / (tag + UNIVERSAL_SUFFIX)
+
+
+def tag_of(folder_name: str) -> str:
+    """The tag a checkpoint folder belongs to: its own, or the one it was converted from."""
+    return folder_name.removesuffix(PARTIAL_SUFFIX).removesuffix(UNIVERSAL_SUFFIX)
+
+
+def run_config_file(tag_dir: Path) -> Path:
+    """The run's resolved config beside a tag folder (`<run>/checkpoints/<tag>`)."""
+    return Path(tag_dir).parent.parent / RUN_CONFIG_FILE
+
+
 def torch_save_atomic(obj, path: Path) -> None:
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
@@ -65,7 +104,7 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 
 def has_tag_folders(ckpt_dir: Path) -> bool:
     """Whether `ckpt_dir` holds any checkpoint folder, complete or partial."""
-    return ckpt_dir.is_dir() and any(TAG_RE.match(p.name.removesuffix("_universal")) for p in ckpt_dir.iterdir())
+    return ckpt_dir.is_dir() and any(TAG_RE.match(p.name.removesuffix(UNIVERSAL_SUFFIX)) for p in ckpt_dir.iterdir())
 
 
 def latest_complete(ckpt_dir: Path) -> str | None:
@@ -74,15 +113,17 @@ def latest_complete(ckpt_dir: Path) -> str | None:
     tags = complete_tags(ckpt_dir)
     if not tags:
         return None
-    pointer = ckpt_dir / "latest"
+    pointer = ckpt_dir / LATEST
     named = pointer.read_text().strip() if pointer.is_file() else None
     if named is not None and named != tags[-1]:
         log.warning("%s names %s; resuming from the newest complete checkpoint %s", pointer, named, tags[-1])
     return tags[-1]
 
 
-def read_meta(ckpt_dir: Path, tag: str) -> dict:
-    return json.loads((ckpt_dir / tag / "meta.json").read_text())
+def read_meta(tag_dir: Path) -> dict:
+    """A tag folder's `meta.json`; {} for a folder of other code, which has none."""
+    path = Path(tag_dir) / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def refuse_unsafe_pickles(folder: Path) -> None:
@@ -122,7 +163,7 @@ def find_tag_folder(path: str | Path) -> Path | None:
     tag = latest_complete(ckpt_dir)
     if tag is not None:
         return ckpt_dir / tag
-    pointer = ckpt_dir / "latest"
+    pointer = ckpt_dir / LATEST
     named = ckpt_dir / pointer.read_text().strip() if pointer.is_file() else None
     if named is not None and not TAG_RE.match(named.name) and is_tag_folder(named):
         return named

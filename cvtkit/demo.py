@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cvtkit.dist import launch_local
+from cvtkit.shards import INFO_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SYNSETS = [f"n{9000000 + d:08d}" for d in range(10)]  # one made-up synset per digit
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     t = time.time()
     pre_cfg = REPO / "configs/pretrain/demo_digits.yaml"
     pre_set = ["--set", f"data.train={shards22k}", f"data.val={shards22k}", f"out_dir={out}/runs"]
-    info = json.loads((shards22k / "_info.json").read_text())
+    info = json.loads((shards22k / INFO_FILE).read_text())
     import yaml  # the stop step: half the schedule, read from the recipe
     recipe = yaml.safe_load(pre_cfg.read_text())
     per_epoch = info["splits"]["train"]["num_samples"] // recipe["data"]["batch_size"]

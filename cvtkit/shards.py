@@ -14,6 +14,8 @@ from pathlib import Path
 from cvtkit.errors import CvtkitError
 
 INFO_FILE = "_info.json"
+# The image files a source folder (shard making) or an evaluation folder holds; PIL reads them all.
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 
 
 class ShardFolderError(CvtkitError):

@@ -17,7 +17,7 @@ from cvtkit.checkpoint import COMPLETE, tag_for
 from cvtkit.data.device_batch import DeviceBatch
 from cvtkit.data.transforms import AugmentConfig
 from cvtkit.models import create_model
-from cvtkit.train.state import rng_state, set_rng_state
+from cvtkit.rng import RngState
 from helpers import make_tiny_shards, spawn, train, train_argv, train_losses, wait
 
 pytestmark = [pytest.mark.gpu,
@@ -73,11 +73,11 @@ def test_sdpa_matches_the_reference_attention(name, res, dtype, tol, monkeypatch
 
 
 def test_cuda_rng_state_is_saved_and_restored():
-    state = rng_state()
+    state = RngState().state_dict()
     assert "cuda" in state
     expected = torch.rand(4, device="cuda")
     torch.rand(100, device="cuda")
-    set_rng_state(state)
+    RngState().load_state_dict(state)
     assert torch.equal(torch.rand(4, device="cuda"), expected)
 
 

@@ -249,8 +249,8 @@ def test_rng_state_loads_without_pickled_objects(tmp_path):
 
     import numpy as np
 
-    from cvtkit.train.state import rng_state, set_rng_state
-    torch.save(rng_state(), tmp_path / "rng.pt")
+    from cvtkit.rng import RngState
+    torch.save(RngState().state_dict(), tmp_path / "rng.pt")
     expected = (random.random(), np.random.rand(), torch.rand(1))
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    RngState().load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected

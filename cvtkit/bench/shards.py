@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from cvtkit.prep.pipeline import PrepOptions, run
+from cvtkit.shards import INFO_FILE
 
 FALL11_IMAGES = 14_197_122
 
@@ -160,7 +161,7 @@ def _drop_last_shards(out: Path, count: int) -> None:
     for shard in sorted(out.glob("*-train-*.tar"))[-count:]:
         shard.unlink()
         (out / "_manifest" / f"{shard.name}.json").unlink()
-    (out / "_info.json").unlink()
+    (out / INFO_FILE).unlink()
 
 
 def scale_table(num_synsets: int, per_class: list[int], workers: int, isolate: bool = True) -> list[dict]:

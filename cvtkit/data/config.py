@@ -13,7 +13,7 @@ from typing import Literal
 from cvtkit.config_loader import require
 from cvtkit.models.factory import EvalConfig
 
-from cvtkit.shards import ShardFolderError, ShardInfo
+from cvtkit.shards import INFO_FILE, ShardFolderError, ShardInfo
 from .transforms import AugmentConfig, eval_transform, min_decode_side, train_decoder, train_transform
 
 
@@ -43,6 +43,12 @@ class DataConfig:
         require(self.eval_batch > 0, "eval_batch", "a positive batch", self.eval_batch)
         require(self.workers >= 0, "workers", ">= 0", self.workers)
 
+    @property
+    def eval_size(self) -> int:
+        """The resolution validation runs at: `eval_res`, else the training `res`. Recorded in a
+        checkpoint's meta as `eval_res`, where evaluation and export read it."""
+        return self.eval_res or self.res
+
 
 @dataclass(frozen=True)
 class RunData:
@@ -62,7 +68,7 @@ class RunData:
                 if path is not None and not Path(path).is_file():
                     raise ShardFolderError(f"data.{key}: {path}: no such .beton file")
             beside = Path(cfg.train).parent
-            synsets = ShardInfo.read(str(beside)).synsets if (beside / "_info.json").is_file() else None
+            synsets = ShardInfo.read(str(beside)).synsets if (beside / INFO_FILE).is_file() else None
             return cls(cfg, None, None, synsets)
         train = _read(cfg.train, "train")
         if cfg.format == "dali" and not train.is_local:

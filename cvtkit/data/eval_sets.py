@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from cvtkit.errors import CvtkitError
 from cvtkit.models.factory import EvalConfig
+from cvtkit.shards import IMAGE_SUFFIXES
 
 from .transforms import eval_transform
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class EvalDataError(CvtkitError):

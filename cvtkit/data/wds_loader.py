@@ -21,7 +21,6 @@ resumed epoch can be off by the samples skipped before the stop.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import logging
@@ -30,13 +29,13 @@ import random
 import zlib
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from cvtkit.errors import CvtkitError
+from cvtkit.rng import host_seeded
 
 from cvtkit.shards import ShardFolderError, ShardSet
 
@@ -140,7 +139,8 @@ class _SlotStream(IterableDataset):
         if quota is not None and quota <= 0:
             return
         for index, sample in enumerate(stream, start=first):
-            with _sample_rng(f"{self.seed}:{self.epoch}:{slot}:{index}" if self.train else None, info is None):
+            with host_seeded(_sample_seed(f"{self.seed}:{self.epoch}:{slot}:{index}" if self.train else None),
+                             restore=info is None):
                 try:
                     img, label, key = self._load(sample)
                 except Exception as e:  # noqa: BLE001 - PIL and libjpeg-turbo raise many kinds for damaged bytes
@@ -167,41 +167,10 @@ class _SlotStream(IterableDataset):
         return _decode(sample, self.decode_min_side)
 
 
-@contextlib.contextmanager
-def _sample_rng(name: str | None, in_trainer: bool):
-    """Seed the augmentation RNGs from the sample's place in the epoch (`name`; None: leave them
-    alone). In the trainer's own process (no workers) its RNG states are put back afterwards."""
-    if name is None:
-        yield
-        return
-    saved = _rng_states() if in_trainer else None
-    _seed_sample(name)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            _set_rng_states(saved)
-
-
-def _seed_sample(name: str) -> None:
-    """Seed the augmentation RNGs (timm draws from `random`, numpy and torch) from the sample's
-    place in the epoch, so a resumed epoch augments each sample exactly as an uninterrupted one."""
-    seed = zlib.crc32(name.encode())
-    random.seed(seed)
-    np.random.seed(seed)
-    # The CPU generator only: torch.manual_seed also queues a CUDA seeding with its stack trace
-    # (about 1 ms a sample, measured) and would reseed the trainer's CUDA RNG without workers.
-    torch.default_generator.manual_seed(seed)
-
-
-def _rng_states() -> tuple:
-    return random.getstate(), np.random.get_state(), torch.get_rng_state()
-
-
-def _set_rng_states(states: tuple) -> None:
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.set_rng_state(states[2])
+def _sample_seed(name: str | None) -> int | None:
+    """The seed of a sample's augmentation, from its place in the epoch (`name`), so that a resumed
+    epoch augments each sample exactly as an uninterrupted one; None: no seeding (evaluation)."""
+    return None if name is None else zlib.crc32(name.encode())
 
 
 def _collate(batch):

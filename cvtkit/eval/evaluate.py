@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from cvtkit.data.eval_sets import EvalDataError, folder_eval_loader
 from cvtkit.data.config import eval_loader_beton, eval_loader_wds
-from cvtkit.shards import ShardInfo, folder_synsets
+from cvtkit.shards import INFO_FILE, ShardInfo, folder_synsets
 from cvtkit.device import DTYPES, backend_for, local_device
 from cvtkit.dist import discover
 from cvtkit.errors import CvtkitError
@@ -34,26 +34,23 @@ from cvtkit.train.validation import validate
 
 
 def run_precision(ckpt: Checkpoint) -> str:
-    """`auto`: a training run is scored in the precision its validation ran in (engine.precision),
-    so that both give the same figures for the same checkpoint; anything else in fp32, as the
-    official code evaluates."""
-    run = ckpt.metadata.get("run_config")
-    return run["engine"].get("precision", "fp32") if run else "fp32"
+    """`auto`: a training run is scored in the precision its validation ran in (engine.precision,
+    from the checkpoint's metadata), so that both give the same figures for the same checkpoint;
+    anything else in fp32, as the official code evaluates."""
+    return ckpt.metadata.get("precision") or "fp32"
 
 
 def trained_res(ckpt: Checkpoint) -> int | None:
-    """The resolution a run evaluated at (data.eval_res or data.res), or an export's `res`."""
-    run = ckpt.metadata.get("run_config")
-    if run:
-        return run["data"].get("eval_res") or run["data"]["res"]
-    return ckpt.metadata.get("res")
+    """The resolution a run validated at (its checkpoint's `eval_res`, from `DataConfig.eval_size`),
+    or an export's `res`."""
+    return ckpt.metadata.get("eval_res") or ckpt.metadata.get("res")
 
 
 def data_kind(path: str) -> str:
     p = Path(path)
     if p.is_file() and p.suffix == ".beton":
         return "ffcv"
-    if (p / "_info.json").is_file() or "://" in path:
+    if (p / INFO_FILE).is_file() or "://" in path:
         return "wds"
     if p.is_dir():
         return "folder"

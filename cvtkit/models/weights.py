@@ -29,7 +29,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cvtkit.checkpoint import ResumeError, consolidated_state_dict, find_tag_folder
+from cvtkit.checkpoint import (ResumeError, consolidated_state_dict, find_tag_folder, read_meta, run_config_file,
+                               shared_state_file)
 from cvtkit.errors import CvtkitError
 
 from .ceit import CeiT, resize_pos_embed
@@ -137,17 +138,16 @@ def _read_deepspeed(tag_dir: Path, use_ema: bool) -> Checkpoint:
 
     state = consolidated_state_dict(tag_dir)
     if use_ema:
-        ema_file = tag_dir / "ema.pt"
+        ema_file = shared_state_file(tag_dir, "ema")
         if not ema_file.is_file():
-            raise CheckpointError(f"{tag_dir}: has no ema.pt (the run kept no EMA: ema.decay was 0)")
+            raise CheckpointError(f"{tag_dir}: has no {ema_file.name} (the run kept no EMA: ema.decay was 0)")
         state.update(torch.load(ema_file, map_location="cpu", weights_only=True))
-    meta_file, config_file = tag_dir / "meta.json", tag_dir.parent.parent / "config.yaml"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta, config_file = read_meta(tag_dir), run_config_file(tag_dir)
     run_config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
-    classes = meta.get("classes")
     metadata = {"model_name": meta.get("model"), "num_classes": meta.get("num_classes"),
-                "classes": classes, "step": meta.get("step"), "zero_stage": meta.get("zero_stage"),
-                "res": meta.get("res"), "run_config": run_config, "use_ema": use_ema}
+                "classes": meta.get("classes"), "step": meta.get("step"), "zero_stage": meta.get("zero_stage"),
+                "res": meta.get("res"), "eval_res": meta.get("eval_res"), "precision": meta.get("precision"),
+                "run_config": run_config, "use_ema": use_ema}
     return Checkpoint(state, "deepspeed", tag_dir, metadata)
 
 

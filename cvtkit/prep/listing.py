@@ -21,7 +21,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .columns import Table, TableBuilder
-from .sources import (IMAGE_SUFFIXES, SYNSET, SourceError, TarWindow, iter_stream_tar_of_tars,
+from cvtkit.shards import IMAGE_SUFFIXES
+
+from .sources import (SourceError, TarWindow, iter_stream_tar_of_tars, outer_member_refusal,
                       read_val_labels, synset_dirs, unsafe_member)
 
 BLOCK = 512
@@ -149,14 +151,11 @@ def outer_units(root: Path, tick=None) -> tuple[list[Unit], list[tuple[str, str]
     with open(root, "rb") as f:
         members = tar_members(root, f, 0, os.fstat(f.fileno()).st_size, tick)
     for name, offset, size in members:
-        reason = unsafe_member(name)
-        path = PurePosixPath(name)
-        if not reason and (path.suffix != ".tar" or not SYNSET.match(path.stem)):
-            reason = "not a per-synset tar (nXXXXXXXX.tar)"
+        reason = outer_member_refusal(name)
         if reason:
             rejected.append((name, reason))
         else:
-            units.append(Unit("train", f"{name}:", path.stem, offset, size))
+            units.append(Unit("train", f"{name}:", PurePosixPath(name).stem, offset, size))
     return units, rejected
 
 

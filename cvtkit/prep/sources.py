@@ -22,7 +22,6 @@ from pathlib import Path, PurePosixPath
 from cvtkit.errors import CvtkitError
 
 SYNSET = re.compile(r"^n\d{8}$")
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 STREAMED = -2
 VAL_LABEL_FILES = ("LOC_val_solution.csv", "val_labels.txt", "ILSVRC2012_validation_labels.txt")
 
@@ -78,6 +77,16 @@ def unsafe_member(name: str) -> str | None:
     return None
 
 
+def outer_member_refusal(name: str) -> str | None:
+    """Why a member of a tar of tars is refused (unsafe, or not a per-synset `nXXXXXXXX.tar`),
+    or None."""
+    reason = unsafe_member(name)
+    path = PurePosixPath(name)
+    if not reason and (path.suffix != ".tar" or not SYNSET.match(path.stem)):
+        reason = "not a per-synset tar (nXXXXXXXX.tar)"
+    return reason
+
+
 def iter_stream_tar_of_tars(path: Path, on_progress=None):
     """Stream a compressed tar of per-synset tars, once, in order.
 
@@ -92,10 +101,7 @@ def iter_stream_tar_of_tars(path: Path, on_progress=None):
                 on_progress(raw.tell())
             if not member.isfile():
                 continue
-            reason = unsafe_member(member.name)
-            name = PurePosixPath(member.name)
-            if not reason and (name.suffix != ".tar" or not SYNSET.match(name.stem)):
-                reason = "not a per-synset tar (nXXXXXXXX.tar)"
+            reason = outer_member_refusal(member.name)
             if reason:
                 yield member.name, reason, None
                 continue

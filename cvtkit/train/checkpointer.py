@@ -1,5 +1,9 @@
 """Saving and loading a run's checkpoints through DeepSpeed's own save/load (any ZeRO stage); the
-folder layout is `cvtkit.checkpoint`'s.
+folder layout, and which state goes in which file, are `cvtkit.checkpoint`'s.
+
+Everything that survives a restart is handed over as `states={name: obj}`: the DeepSpeed engine
+under `"model"`, and objects with `state_dict()` / `load_state_dict()` (the EMA, the loader, the
+RNG, the trainer's counters). Adding a piece of state is one more entry, nothing else.
 
 DeepSpeed writes its own `latest` before its final barrier, so a kill at that moment would leave it
 naming a partial checkpoint. Here DeepSpeed is told not to write it; rank 0 writes `COMPLETE` and
@@ -17,10 +21,14 @@ from pathlib import Path
 import torch
 
 from cvtkit.atomic import write_text_atomic
-from cvtkit.checkpoint import (COMPLETE, TAG_RE, ResumeError, complete_tags, latest_complete,
-                               refuse_unsafe_pickles, saved_module_state, tag_for, torch_save_atomic)
+from cvtkit.checkpoint import (COMPLETE, LATEST, META_FILE, MODEL_STATE, RANK_STATES, SAME_ON_EVERY_RANK,
+                               SHARED_STATES, TAG_RE, ResumeError, complete_tags, latest_complete,
+                               rank_state_file, refuse_unsafe_pickles, saved_module_state,
+                               shared_state_file, tag_for, tag_of, torch_save_atomic, universal_folder)
 from cvtkit.device import any_rank, barrier
 from cvtkit.errors import CvtkitError
+
+from .state import persistent_buffers
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +49,13 @@ class Checkpointer:
     world_size: int
     keep: int = 3
 
-    def save(self, engine, step: int, meta: dict, rank_state: dict, ema_state: dict | None) -> Path:
-        """A collective save of step `step`; returns its folder once it is complete on every rank."""
+    def save(self, step: int, states: dict, meta: dict) -> Path:
+        """A collective save of step `step`: `states` as the module docstring says, `meta` the
+        JSON description of the run (`meta.json`); returns the folder once it is complete on
+        every rank."""
+        _check_names(states)
+        # Gathered states are collectives: every rank takes part, rank 0 writes.
+        shared = {name: states[name].state_dict() for name in SHARED_STATES if states.get(name) is not None}
         tag = tag_for(step)
         folder = self.ckpt_dir / tag
         if self.rank == 0:
@@ -53,13 +66,14 @@ class Checkpointer:
         failure = ""
         try:
             # universal_checkpoint_info lets ds_to_universal convert it for another world size.
-            engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False,
-                                   client_state={"universal_checkpoint_info": {}, "step": step})
-            torch_save_atomic(rank_state, folder / f"trainer_rank{self.rank:05d}.pt")
+            states[MODEL_STATE].save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False,
+                                                client_state={"universal_checkpoint_info": {}, "step": step})
+            own = {name: states[name].state_dict() for name in RANK_STATES if name in states}
+            torch_save_atomic(own, rank_state_file(folder, self.rank))
             if self.rank == 0:
-                if ema_state is not None:
-                    torch_save_atomic(ema_state, folder / "ema.pt")
-                write_text_atomic(folder / "meta.json", json.dumps(meta, indent=1))
+                for name, state in shared.items():
+                    torch_save_atomic(state, shared_state_file(folder, name))
+                write_text_atomic(folder / META_FILE, json.dumps(meta, indent=1))
         except OSError as e:
             failure = f"{e.strerror or e} ({getattr(e, 'filename', None) or folder})"
         except RuntimeError as e:
@@ -75,7 +89,7 @@ class Checkpointer:
                              f"the previous checkpoint ({previous or 'none'}) is intact")
         if self.rank == 0:
             write_text_atomic(folder / COMPLETE, f"{step}\n")
-            write_text_atomic(self.ckpt_dir / "latest", tag + "\n")
+            write_text_atomic(self.ckpt_dir / LATEST, tag + "\n")
             self._prune(tag)
         barrier()
         return folder
@@ -84,31 +98,48 @@ class Checkpointer:
         """Keep the newest `keep` complete checkpoints; drop partial ones older than `newest`."""
         keep = set(complete_tags(self.ckpt_dir)[-self.keep:]) | {newest}
         for path in self.ckpt_dir.iterdir():
-            base = path.name.removesuffix(".partial").removesuffix("_universal")
+            base = tag_of(path.name)
             if TAG_RE.match(base) and base not in keep and base < newest:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def load(self, engine, tag: str, universal: bool) -> tuple[dict | None, dict | None]:
-        """Load `tag` into `engine` (model, optimizer, DeepSpeed state); returns this rank's trainer
-        state (RNG, loader), None for a rank the checkpoint had no state for (more ranks than
-        it was saved with), and the EMA state."""
+    def load(self, tag: str, states: dict, universal: bool) -> set[str]:
+        """Load `tag` into `states` (the engine's model, optimizer and DeepSpeed state included);
+        returns the names of the states the checkpoint holds nothing for on this rank: a rank
+        beyond those it was saved with (it takes rank 0's `SAME_ON_EVERY_RANK` states), or an
+        EMA the run did not keep."""
+        _check_names(states)
         folder = self.ckpt_dir / tag
         refuse_unsafe_pickles(folder)
-        load_tag = tag + "_universal" if universal else tag
+        load_tag = universal_folder(self.ckpt_dir, tag).name if universal else tag
+        engine = states[MODEL_STATE]
         path, _ = engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag, load_module_strict=True,
                                          load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise ResumeError(f"{self.ckpt_dir / load_tag}: DeepSpeed could not load this checkpoint")
         if universal:
             self._restore_buffers(engine.module, folder)
-        own = folder / f"trainer_rank{self.rank:05d}.pt"
-        rank_state = torch.load(own, map_location="cpu", weights_only=True) if own.is_file() else None
-        ema_file = folder / "ema.pt"
-        ema = torch.load(ema_file, map_location="cpu", weights_only=True) if ema_file.is_file() else None
-        return rank_state, ema
-
-    def rank_zero_state(self, tag: str) -> dict:
-        return torch.load(self.ckpt_dir / tag / "trainer_rank00000.pt", map_location="cpu", weights_only=True)
+        missing = set()
+        own = rank_state_file(folder, self.rank)
+        saved = _load(own) if own.is_file() else {}
+        if not saved:
+            first = _load(rank_state_file(folder, 0))
+            saved = {name: first[name] for name in SAME_ON_EVERY_RANK if name in first}
+        for name in RANK_STATES:
+            if name not in states:
+                continue
+            if name in saved:
+                states[name].load_state_dict(saved[name])
+            else:
+                missing.add(name)
+        for name in SHARED_STATES:
+            file = shared_state_file(folder, name)
+            if states.get(name) is None:
+                continue
+            if file.is_file():
+                states[name].load_state_dict(_load(file))
+            else:
+                missing.add(name)
+        return missing
 
     @staticmethod
     def _restore_buffers(module, folder: Path) -> None:
@@ -116,11 +147,19 @@ class Checkpointer:
         the BatchNorm statistics would silently restart from their initial values. They come
         from the module state DeepSpeed saved with the original checkpoint."""
         states, saved = saved_module_state(folder)
-        persistent = module.state_dict().keys()
         with torch.no_grad():
-            for name, buffer in module.named_buffers():
-                if name not in persistent:
-                    continue
+            for name, buffer in persistent_buffers(module):
                 if name not in saved:
                     raise ResumeError(f"{states}: has no {name}; cannot restore the model's buffers")
                 buffer.copy_(saved[name])
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _check_names(states: dict) -> None:
+    unknown = set(states) - {MODEL_STATE, *RANK_STATES, *SHARED_STATES}
+    if unknown or MODEL_STATE not in states:  # a bug in the caller: cvtkit.checkpoint decides the names
+        raise ValueError(f"checkpoint states: expected {MODEL_STATE!r} and any of "
+                         f"{[*RANK_STATES, *SHARED_STATES]}, got {sorted(states)}")

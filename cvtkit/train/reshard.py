@@ -22,14 +22,11 @@ import time
 from pathlib import Path
 
 from cvtkit.atomic import write_text_atomic
-from cvtkit.checkpoint import COMPLETE, ResumeError, find_tag_folder, refuse_unsafe_pickles
+from cvtkit.checkpoint import (COMPLETE, PARTIAL_SUFFIX, ResumeError, find_tag_folder, refuse_unsafe_pickles,
+                               universal_folder)
 from cvtkit.errors import CvtkitError
 
 log = logging.getLogger(__name__)
-
-
-def universal_folder(ckpt_dir: Path, tag: str) -> Path:
-    return ckpt_dir / f"{tag}_universal"
 
 
 def convert(ckpt_dir: Path, tag: str, workers: int = 1) -> Path:
@@ -38,7 +35,7 @@ def convert(ckpt_dir: Path, tag: str, workers: int = 1) -> Path:
     if (target / COMPLETE).is_file():
         return target
     refuse_unsafe_pickles(ckpt_dir / tag)
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(target.name + PARTIAL_SUFFIX)
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)  # without COMPLETE: never a usable conversion
     log.warning("checkpoint %s was written by another number of ranks: converting it with "
@@ -64,7 +61,7 @@ def convert_on_start(ckpt_dir: Path, tag: str, rank: int, timeout_s: float, poll
     """Rank 0 converts; every other rank waits for the complete folder, or for rank 0's failure, up
     to `timeout_s`. No process group is needed (none exists yet)."""
     target = universal_folder(ckpt_dir, tag)
-    failed = ckpt_dir / f".{tag}_universal.failed.{_attempt_id()}"
+    failed = ckpt_dir / f".{target.name}.failed.{_attempt_id()}"
     if rank == 0:
         try:
             return convert(ckpt_dir, tag)

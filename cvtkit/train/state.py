@@ -1,48 +1,13 @@
-"""Per-process training state saved with a checkpoint: the RNG states, and the EMA of the fp32
-master weights (with the accessors of those masters under each ZeRO stage)."""
+"""The EMA of the fp32 master weights, with the accessors of those masters under each ZeRO stage,
+and which buffers of a model are its state (`persistent_buffers`)."""
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
-
-def rng_state() -> dict:
-    """Every RNG of this process, as tensors and plain values only, so that it loads with
-    `torch.load(weights_only=True)` (no pickled objects in a checkpoint of ours)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def derived_seed(seed: int, rank: int, step: int) -> int:
-    """A seed of its own for (seed, rank, step): a rank that joins a resumed run starts a stream
-    no other rank draws from."""
-    import hashlib
-    return int.from_bytes(hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()[:4], "little")
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 @dataclass
@@ -132,15 +97,16 @@ class MasterEma:
         self.shapes = _shapes(module)
         self.fragments = {n: None if f is None else Fragment(f.values.detach().clone(), f.start, f.numel,
                                                              f.shape, f.owner) for n, f in parts.items()}
-        self.buffers = {n: b.detach().float().clone() for n, b in _persistent_buffers(module)}
+        self.buffers = {n: b.detach().float().clone() for n, b in persistent_buffers(module) if b.is_floating_point()}
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         for name, fragment in master_fragments(module).items():
             if fragment is not None:
                 self.fragments[name].values.lerp_(fragment.values, 1 - self.decay)
-        for name, buffer in _persistent_buffers(module):
-            self.buffers[name].lerp_(buffer.detach().float(), 1 - self.decay)
+        for name, buffer in persistent_buffers(module):
+            if name in self.buffers:
+                self.buffers[name].lerp_(buffer.detach().float(), 1 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole EMA on CPU (collective)."""
@@ -155,6 +121,28 @@ class MasterEma:
             buffer.copy_(state[name])
 
 
-def _persistent_buffers(module: nn.Module):
+def persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers that are the model's state (BatchNorm statistics and counts), as its
+    `state_dict` holds them: what every rank averages, the EMA follows and a universal restore
+    puts back. Non-persistent buffers are derived from the architecture and never saved."""
     persistent = module.state_dict().keys()
-    return [(n, b) for n, b in module.named_buffers() if n in persistent and b.is_floating_point()]
+    return [(n, b) for n, b in module.named_buffers() if n in persistent]
+
+
+def average_across_ranks(buffers: list[torch.Tensor]) -> None:
+    """Average `buffers` in place over the ranks, in one all-reduce. DeepSpeed broadcasts
+    parameters, not buffers, so each rank's BatchNorm statistics would follow its own batches;
+    averaged (as timm's `distribute_bn` does) after every step, a few hundred thousand floats at
+    most (CvT-W24: 134k), every rank validates with, and every checkpoint keeps, the same
+    statistics, and a resumed run's statistics stay those of an uninterrupted one."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not buffers or world == 1:
+        return
+    with torch.no_grad():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cvtkit.checkpoint import ResumeError, has_tag_folders, latest_complete, read_meta
+from cvtkit.checkpoint import RUN_CONFIG_FILE, ResumeError, has_tag_folders, latest_complete, read_meta
 from cvtkit.config_loader import ConfigError, save_config
 from cvtkit.data.device_batch import DeviceBatch
 from cvtkit.data.config import RunData
@@ -29,7 +29,8 @@ from cvtkit.shards import class_list_sha256
 from cvtkit.device import DTYPES, any_rank, collective_device
 from cvtkit.dist import DistEnv, discover
 from cvtkit.errors import CvtkitError
-from cvtkit.models.factory import build_model, eval_config
+from cvtkit.models.factory import EvalConfig, build_model, eval_config
+from cvtkit.rng import RngState, derived_seed, seed_everything
 
 from .checkpointer import Checkpointer
 from .engine import batch_plan, build_optimizer, deepspeed_config, init_distributed
@@ -40,7 +41,7 @@ from .run_config import RunConfig
 from .schedule import Schedule
 from .signals import StopSignals
 from .reshard import convert_on_start
-from .state import MasterEma, derived_seed, nonfinite_master, rng_state, seed_everything, set_rng_state
+from .state import MasterEma, average_across_ranks, nonfinite_master, persistent_buffers
 from .validation import validate
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: saved after a signal; the launcher requeues (slurm/*.sh)
@@ -72,6 +73,26 @@ class Trainer:
         self.require_pretrained = require_pretrained
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # Everything `setup()` builds, in its order; None until then.
+        self.data: RunData | None = None
+        self.micro = self.accum = 0
+        self.device: torch.device | None = None
+        self.rank, self.world = 0, 1
+        self.checkpointer: Checkpointer | None = None
+        self.engine = self.optimizer = None
+        self.eval_cfg: EvalConfig | None = None  # with data.val only
+        self.dtype: torch.dtype | None = None
+        self.ema: MasterEma | None = None
+        self.buffers_to_average: list[torch.Tensor] = []
+        self.batch: DeviceBatch | None = None
+        self.macs, self.peak_flops = 0, None
+        self.loader = None
+        self.steps_per_epoch = 0
+        self.schedule: Schedule | None = None
+        self.runlog: RunLog | None = None
+        # The loop's counters: `step` is checkpointed (the "trainer" state), the others restart.
+        self.step = 0
+        self.last_saved, self.damaged, self.nonfinite_run = 0, 0, 0
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -92,7 +113,8 @@ class Trainer:
         self.loader = self.data.train_loader(self.micro, self.rank, self.world, cfg.engine.seed)
         self.steps_per_epoch = max(1, len(self.loader) // self.accum)
         self.schedule = Schedule.from_config(cfg.schedule, cfg.optim.lr, self.steps_per_epoch)
-        self.step = self._restore(tag, universal) if tag else 0
+        if tag:
+            self._restore(tag, universal)
         self._record_start()
         self.runlog = RunLog(self.run_dir, self.rank == 0)
         self._info(f"global batch {cfg.data.batch_size} = micro batch {self.micro} x accumulation "
@@ -126,7 +148,7 @@ class Trainer:
     def _check_resume(self, tag: str) -> bool:
         """Compare the checkpoint's meta with this config; returns whether it needs converting for
         this number of ranks (ZeRO-0 keeps whole states, which any number of ranks loads)."""
-        meta = read_meta(self.ckpt_dir, tag)
+        meta = read_meta(self.ckpt_dir / tag)
         mine = self._meta(0)
         diffs = [f"{k}: checkpoint {meta.get(k)!r}, config {mine[k]!r}" for k in _RESUME_KEYS if meta.get(k) != mine[k]]
         if diffs:
@@ -140,7 +162,7 @@ class Trainer:
                 "global_batch": self.cfg.data.batch_size, "world_size": self.env.world_size,
                 "zero_stage": self.cfg.engine.zero_stage, "precision": self.cfg.engine.precision,
                 "classes_sha": class_list_sha256(synsets) if synsets else None, "res": self.cfg.data.res,
-                "classes": synsets}  # synsets of the head's rows: fine-tuning maps them by synset
+                "eval_res": self.cfg.data.eval_size, "classes": synsets}  # synsets of the head's rows: fine-tuning maps them by synset
 
     def _build_engine(self, fresh: bool, universal: bool) -> None:
         """The model (with `init.pretrained` on a fresh run), DeepSpeed around it, the EMA, and
@@ -151,7 +173,7 @@ class Trainer:
         cfg = self.cfg
         model = build_model(cfg.model)
         if cfg.data.val:  # a size the model cannot be evaluated at fails now, not after training
-            self.eval_cfg = eval_config(model, cfg.data.eval_res or cfg.data.res)
+            self.eval_cfg = eval_config(model, cfg.data.eval_size)
         if fresh and cfg.init.pretrained:
             load_pretrained_init(model, cfg.init, self.data.synsets, self.run_dir, self.rank, self.world)
         if cfg.engine.channels_last:
@@ -163,40 +185,44 @@ class Trainer:
             self.engine.compile()
         self.dtype = DTYPES[cfg.engine.precision]
         self.ema = MasterEma(self.engine.module, cfg.ema.decay) if cfg.ema.decay > 0 else None
-        self.buffers_to_average = [b for _, b in self.engine.module.named_buffers() if b.is_floating_point()]
+        self.buffers_to_average = [b for _, b in persistent_buffers(self.engine.module) if b.is_floating_point()]
         self.batch = DeviceBatch(cfg.data.augment, cfg.model.num_classes, self.device, self.dtype,
                                  cfg.engine.channels_last)
         shape = dict(cfg.model.options, **({"img_size": cfg.model.img_size} if cfg.model.img_size else {}))
         self.macs = model_macs(cfg.model.name, cfg.data.res, **shape).total
         self.peak_flops = device_peak_flops(self.device)
 
-    def _restore(self, tag: str, universal: bool) -> int:
-        """Model, optimizer, RNG, loader position and EMA from `tag`; returns its step. After a
-        world-size change, a rank the checkpoint has no state for (more ranks than it was saved
+    def _states(self) -> dict:
+        """Everything a checkpoint holds, by the names `cvtkit.checkpoint` files them under."""
+        return {"model": self.engine, "rng": RngState(), "loader": self.loader, "trainer": self,
+                "ema": self.ema}
+
+    def state_dict(self) -> dict:
+        """The loop's own state (the "trainer" entry of a checkpoint)."""
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+    def _restore(self, tag: str, universal: bool) -> None:
+        """Model, optimizer, RNG, loader position, step and EMA from `tag`. After
+        a world-size change, a rank the checkpoint has no state for (more ranks than it was saved
         with) takes rank 0's loader position and a fresh random stream of its own, derived from
         (seed, rank, step): reusing rank 0's would repeat its drop-path masks, Mixup and erasing."""
-        rank_state, ema_state = self.checkpointer.load(self.engine, tag, universal)
-        step = read_meta(self.ckpt_dir, tag)["step"]
-        if rank_state is None:
-            seed_everything(derived_seed(self.cfg.engine.seed, self.rank, step))
-            rank_state = self.checkpointer.rank_zero_state(tag)
-        else:
-            set_rng_state(rank_state["rng"])
-        self.loader.load_state_dict(rank_state["loader"])
-        if self.ema is not None and ema_state is not None:
-            self.ema.load_state_dict(ema_state)
-        elif self.ema is not None:  # ema.decay was 0 when the checkpoint was saved
+        missing = self.checkpointer.load(tag, self._states(), universal)
+        if "rng" in missing:
+            seed_everything(derived_seed(self.cfg.engine.seed, self.rank, self.step))
+        if "ema" in missing and self.ema is not None:  # ema.decay was 0 when the checkpoint was saved
             self.ema = MasterEma(self.engine.module, self.cfg.ema.decay)
-            self._info(f"{self.ckpt_dir / tag} has no EMA: the EMA starts from the weights of step {step}")
-        self._info(f"resumed from {self.ckpt_dir / tag} at step {step}")
-        return step
+            self._info(f"{self.ckpt_dir / tag} has no EMA: the EMA starts from the weights of step {self.step}")
+        self._info(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
 
     def _record_start(self) -> None:
         """The resolved config, and one line per start in `starts.jsonl` (rank 0)."""
         if self.rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.run_dir / "config.yaml")
+        save_config(self.cfg, self.run_dir / RUN_CONFIG_FILE)
         record = {"start": time.time(), "step": self.step, "world_size": self.world,
                   "micro_batch": self.micro, "accumulation": self.accum,
                   "git_commit": git_commit(Path(__file__).resolve().parents[2]),
@@ -218,12 +244,12 @@ class Trainer:
             return self.train(signals)
         finally:
             signals.restore()
-            if getattr(self, "runlog", None) is not None:
+            if self.runlog is not None:
                 self.runlog.close()
 
     def train(self, signals: StopSignals) -> int:
         cfg, total = self.cfg, self.schedule.total_steps
-        self.last_saved, self.damaged, self.nonfinite_run = self.step, 0, 0
+        self.last_saved = self.step
         if self.step >= total:
             self._info(f"already complete ({self.step}/{total} steps)")
             return 0
@@ -282,7 +308,7 @@ class Trainer:
             nonfinite |= not math.isfinite(value)
             loss_sum += value / self.accum if math.isfinite(value) else 0.0
         self.step += 1
-        self._average_buffers()
+        average_across_ranks(self.buffers_to_average)
         if self.ema is not None and self.step % self.cfg.ema.every_steps == 0:
             self.ema.update(self.engine.module)
         damaged = getattr(self.loader, "damaged", 0)
@@ -319,9 +345,7 @@ class Trainer:
             raise NonFiniteLoss(f"step {self.step}: {bad or 'a tensor on another rank'} is not finite; not "
                                 f"saving, the last good checkpoint (step {self.last_saved}) is intact; "
                                 f"lower optim.lr")
-        rank_state = {"rng": rng_state(), "loader": self.loader.state_dict(), "step": self.step}
-        folder = self.checkpointer.save(self.engine, self.step, self._meta(self.step), rank_state,
-                                        self.ema.state_dict() if self.ema is not None else None)
+        folder = self.checkpointer.save(self.step, self._states(), self._meta(self.step))
         self.last_saved = self.step
         self._info(f"saved {folder}")
 
@@ -352,24 +376,6 @@ class Trainer:
         self._info(f"step {self.step}: val top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} "
                    f"loss {metrics['loss']:.4f} ({int(metrics['count'])} images, {self.cfg.engine.precision})")
         return metrics
-
-    def _average_buffers(self) -> None:
-        """DeepSpeed broadcasts parameters, not buffers, so each rank's BatchNorm statistics would
-        follow its own batches. They are averaged across ranks (as timm's `distribute_bn` does)
-        after every step, in one all-reduce of a few hundred thousand floats at most (CvT-W24:
-        134k): every rank validates with, and every checkpoint keeps, the same statistics, and a
-        resumed run's statistics stay those of an uninterrupted one."""
-        buffers = self.buffers_to_average
-        if not buffers or self.world == 1:
-            return
-        with torch.no_grad():
-            flat = torch.cat([b.reshape(-1) for b in buffers])
-            dist.all_reduce(flat)
-            flat /= self.world
-            offset = 0
-            for b in buffers:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
 
 
 def git_commit(repo: Path) -> str | None:
