@@ -31,7 +31,9 @@ from helpers import REPO, TINY_CVT, spawn, train, wait
 IN22K = list(ImageNetInfo("imagenet-22k").label_names())  # fall11's 21,841, sorted
 IN12K = list(ImageNetInfo("imagenet-12k").label_names())  # 11,821, sorted
 IN1K = list(ImageNetInfo("imagenet-1k").label_names())
-SHARED = [s for s in IN1K if s in set(IN12K) and s in set(IN22K)][:3]  # 1k classes in 12k and 22k
+# 1k classes in 12k and 22k; the last one's 22k index is beyond 12k's 11,821 rows
+SHARED = [s for s in IN1K if s in set(IN12K) and s in set(IN22K)][:2] + [
+    [s for s in IN1K if s in set(IN12K) and s in set(IN22K)][-1]]
 ONLY_22K = next(s for s in IN22K if s not in set(IN12K))  # label_12k -1
 TEDDY = "n04399382"  # 1k, but not in fall11's 22k
 FT_CONFIG = REPO / "configs" / "finetune" / "tiny_cpu.yaml"
