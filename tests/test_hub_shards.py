@@ -152,7 +152,8 @@ def test_hub_folder_reads_as_it_is_with_either_info_name(hub, tmp_path):
         assert (sub.num_classes, sub.synsets, sub.alt_label, sub.num_samples) == (11821, IN12K, "label_12k", 36)
         assert [Path(u).name for u in sub.urls] == [f"imagenet22k-train-{i:04d}.tar" for i in range(3)]
         # every sample once, labelled as the split says
-        assert labels_of(WdsLoader(full, 5, train=False, workers=2, with_keys=True)) == expected_labels(folder, "train", "cls")
+        every = WdsLoader(full, 5, train=False, workers=2, with_keys=True)
+        assert labels_of(every) == expected_labels(folder, "train", "cls")
         want_12k = expected_labels(folder, "train", "label_12k")
         assert len(want_12k) == 36 and labels_of(WdsLoader(sub, 5, train=False, workers=0, with_keys=True)) == want_12k
         # training: the quota counts the kept samples; none of the class outside 12k comes through
@@ -215,6 +216,17 @@ def test_dali_reads_cls_and_refuses_a_json_labelled_split(hub):
         RunData.open(DataConfig(format="dali", train=str(hub["22k"]), train_split="train_12k"))
 
 
+def test_verify_and_make_ffcv_refuse_what_they_cannot_check_or_label(hub, tmp_path, capsys):
+    from cvtkit.prep.beton import write_beton
+    from cvtkit.prep.cli import verify_shards_main
+    assert verify_shards_main([str(hub["22k"])]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no shard_sha256 or num_classes: not made by make_shards.py" in errors[0], errors
+    with pytest.raises(ShardFolderError, match="split 'train_12k' is labelled from each sample's json field "
+                                               "'label_12k'; make_ffcv writes splits labelled by cls only"):
+        write_beton(hub["22k"], "train_12k", tmp_path / "train_12k.beton", workers=1)
+
+
 @pytest.mark.slow
 def test_loader_benchmark_reads_a_hub_folder(hub, capsys):
     from cvtkit.bench.loaders import main as bench_main
@@ -222,9 +234,10 @@ def test_loader_benchmark_reads_a_hub_folder(hub, capsys):
               "--batch-size", "4"]
     bench_main(common + ["--split", "train"])
     out = capsys.readouterr().out
-    for row in ("WdsLoader DeiT (from JPEG bytes)", "WdsLoader DeiT (PIL transform)", "DaliLoader DeiT (CPU operators)"):
+    for row in ("WdsLoader DeiT (from JPEG bytes)", "WdsLoader DeiT (PIL transform)",
+                "DaliLoader DeiT (CPU operators)"):
         assert f"| {row}" in out, out
-    assert "2 batches of" in out and "split 'train'" in out
+    assert "split 'train' -> 32px uint8, batch 4, 0 workers, medians of 1 runs of 2 batches" in out
     bench_main(common + ["--split", "train_12k"])
     out = capsys.readouterr().out
     assert "| WdsLoader DeiT (from JPEG bytes)" in out and "| DaliLoader" not in out

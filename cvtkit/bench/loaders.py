@@ -167,9 +167,9 @@ def measure(rows: dict, repeats: int, batches: int | None = None) -> list[tuple[
             for name, got in samples.items()]
 
 
-def print_table(results, title: str, size: int, batch: int, workers: int, repeats: int) -> None:
+def print_table(results, title: str, size: int, batch: int, workers: int, repeats: int, unit: str = "epochs") -> None:
     base = {recipe: core for name, recipe, _, core in results if name.startswith("ImageFolder")}
-    print(f"{title} -> {size}px uint8, batch {batch}, {workers} workers, medians of {repeats} epochs")
+    print(f"{title} -> {size}px uint8, batch {batch}, {workers} workers, medians of {repeats} {unit}")
     print(f"| {'loader':<34} | {'recipe':<10} | {'images/s':>8} | {'per core':>8} | {'x ImageFolder':>13} |")
     print(f"|{'-' * 36}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 15}|")
     for name, recipe, rate, core in results:
@@ -264,9 +264,9 @@ def main(argv: list[str] | None = None) -> None:
         shards = ShardSet.from_info(args.shards, args.split)
         rows = {**wds_rows(shards, args.size, args.batch_size, args.workers),
                 **dali_rows(shards, args.size, args.batch_size, args.workers)}
-        title = f"{args.batches} batches of {args.shards} split {args.split!r}"
+        title = f"{args.shards} split {args.split!r}"
         print_table(measure(rows, args.repeats, args.batches), title, args.size, args.batch_size, args.workers,
-                    args.repeats)
+                    args.repeats, f"runs of {args.batches} batches")
         return
     work = Path(tempfile.mkdtemp(prefix="cvtkit-bench-loaders-"))
     try:
