@@ -165,6 +165,26 @@ def test_hub_folder_reads_as_it_is_with_either_info_name(hub, tmp_path):
     assert seen[0] == seen[1] and seen[0][1] == 12
 
 
+def test_a_sample_whose_json_gives_no_label_is_counted_as_damage(hub, tmp_path):
+    """In a json-labelled split, a sample without a readable `label_12k` is skipped and counted,
+    as an image that does not decode is; the others keep their labels."""
+    out = tmp_path / "damaged"
+    out.mkdir()
+    files = sorted((hub["val"] / SHARED[0]).glob("*.JPEG"))
+    broken = {files[1].stem: b"{not json", files[2].stem: json.dumps({"label": 0}).encode()}
+    with wds.TarWriter(str(out / "imagenet22k-train-0000.tar")) as sink:
+        for f in files:
+            rec = json.dumps({"label": IN22K.index(SHARED[0]), "label_12k": IN12K.index(SHARED[0])}).encode()
+            sink.write({"__key__": f.stem, "jpg": f.read_bytes(), "json": broken.get(f.stem, rec),
+                        "cls": IN22K.index(SHARED[0])})
+    split = {"name": "train_12k", "filenames": ["imagenet22k-train-0000.tar"], "shard_lengths": [4],
+             "num_samples": 4, "alt_label": "label_12k"}
+    (out / "_info.json").write_text(json.dumps({"name": "imagenet22k", "splits": {"train_12k": split}}))
+    loader = WdsLoader(ShardSet.from_info(str(out), "train_12k"), 2, train=False, workers=0, with_keys=True)
+    assert labels_of(loader) == {files[0].stem: IN12K.index(SHARED[0]), files[3].stem: IN12K.index(SHARED[0])}
+    assert loader.damaged == 2
+
+
 def test_layouts_that_are_neither_are_one_line(hub, tmp_path, capsys):
     def folder(name: str, info: dict | str, file="_info.json") -> Path:
         path = tmp_path / name
