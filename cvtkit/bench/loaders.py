@@ -1,6 +1,11 @@
 """Loader speed on the same photo-like images, side by side in one run, against ImageFolder.
 
     python -m cvtkit.bench.loaders --images 1500 --workers 2 --size 224 --repeats 3 [--profile]
+    python -m cvtkit.bench.loaders --shards /data/in22k-hub --split train_12k --batches 50
+
+With `--shards`, the shard loaders read that folder (cvtkit's or the hub's layout) for `--batches`
+batches per repeat instead, with no ImageFolder baseline (DALI's row is left out for a split
+labelled from each sample's json, which DALI cannot read).
 
 Rows (uint8 out everywhere: random erasing and normalisation run on the device, as in timm's
 prefetcher and in cvtkit's trainer):
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import random
 import resource
 import shutil
@@ -41,7 +47,7 @@ from torchvision.datasets import ImageFolder
 from cvtkit.prep.pipeline import PrepOptions, run
 from cvtkit.data.transforms import AugmentConfig, min_decode_side, train_decoder, train_transform
 from cvtkit.data.wds_loader import WdsLoader
-from cvtkit.shards import ShardSet
+from cvtkit.shards import ShardFolderError, ShardSet
 
 DEIT, RRC_FLIP = "DeiT", "RRC + flip"
 
@@ -83,12 +89,13 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _epoch(make_loader) -> tuple[int, float, float]:
-    """(images, wall seconds, CPU seconds) of one epoch; the loader's workers end with it."""
+def _epoch(make_loader, batches: int | None = None) -> tuple[int, float, float]:
+    """(images, wall seconds, CPU seconds) of one epoch, or of its first `batches`; the loader's
+    workers end with it."""
     loader = make_loader()
     torch.set_num_threads(1)  # the trainer's process does no pixel work here
     cpu, start = _cpu_seconds(), time.perf_counter()
-    count = sum(len(batch[1]) for batch in loader)
+    count = sum(len(batch[1]) for batch in itertools.islice(loader, batches))
     wall = time.perf_counter() - start
     del loader
     return count, wall, _cpu_seconds() - cpu
@@ -111,17 +118,35 @@ def loaders(work: Path, src: Path, size: int, batch: int, workers: int) -> dict:
         "ImageFolder + timm RRC + flip": (RRC_FLIP, lambda: DataLoader(
             ImageFolder(str(src), transform=_timm(size, None)), batch_size=batch, num_workers=workers,
             shuffle=True, drop_last=True)),
+        **wds_rows(shards, size, batch, workers),
+    }
+    if (work / "train.beton").is_file():
+        from cvtkit.data.ffcv_loader import FfcvLoader
+        ffcv = FfcvLoader(str(work / "train.beton"), batch, size, workers=workers)  # one Loader per run
+        rows["FfcvLoader RRC + flip"] = (RRC_FLIP, lambda: ffcv)
+    return {**rows, **dali_rows(shards, size, batch, workers)}
+
+
+def wds_rows(shards: ShardSet, size: int, batch: int, workers: int) -> dict:
+    aug = AugmentConfig()
+    return {
         "WdsLoader DeiT (from JPEG bytes)": (DEIT, lambda: WdsLoader(
             shards, batch, workers=workers, transform=train_decoder(aug, size), shuffle_buffer=500)),
         "WdsLoader DeiT (PIL transform)": (DEIT, lambda: WdsLoader(
             shards, batch, workers=workers, transform=train_transform(aug, size, normalize=False),
             shuffle_buffer=500, decode_min_side=min_decode_side(size, aug))),
     }
-    if (work / "train.beton").is_file():
-        from cvtkit.data.ffcv_loader import FfcvLoader
-        ffcv = FfcvLoader(str(work / "train.beton"), batch, size, workers=workers)  # one Loader per run
-        rows["FfcvLoader RRC + flip"] = (RRC_FLIP, lambda: ffcv)
-    from cvtkit.data.dali_loader import DaliLoader
+
+
+def dali_rows(shards: ShardSet, size: int, batch: int, workers: int) -> dict:
+    """DALI's rows; none for a split DALI cannot label (`dali_loader.check_labels`)."""
+    from cvtkit.data.dali_loader import DaliLoader, check_labels
+    try:
+        check_labels(shards)
+    except ShardFolderError as e:
+        print(f"DaliLoader left out: {e.one_line()}")
+        return {}
+    rows = {}
     rows["DaliLoader DeiT (CPU operators)"] = (DEIT, lambda: DaliLoader(
         shards, batch, size, workers=max(1, workers), device="cpu", shuffle_buffer=500))
     if torch.cuda.is_available():  # nvJPEG and the GPU's JPEG decoders: a GPU machine's row
@@ -130,26 +155,26 @@ def loaders(work: Path, src: Path, size: int, batch: int, workers: int) -> dict:
     return rows
 
 
-def measure(rows: dict, repeats: int) -> list[tuple[str, str, float, float]]:
+def measure(rows: dict, repeats: int, batches: int | None = None) -> list[tuple[str, str, float, float]]:
     """(name, recipe, median images/s, median images per CPU second), repeats interleaved."""
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
     for rep in range(repeats + 1):
         for name, (_, make) in rows.items():
-            count, wall, cpu = _epoch(make)
+            count, wall, cpu = _epoch(make, batches)
             if rep:  # the first pass warms up
                 samples[name].append((count / wall, count / max(cpu, 1e-9)))
     return [(name, rows[name][0], statistics.median(s[0] for s in got), statistics.median(s[1] for s in got))
             for name, got in samples.items()]
 
 
-def print_table(results, images: int, size: int, batch: int, workers: int, repeats: int) -> None:
+def print_table(results, title: str, size: int, batch: int, workers: int, repeats: int, unit: str = "epochs") -> None:
     base = {recipe: core for name, recipe, _, core in results if name.startswith("ImageFolder")}
-    print(f"{images} photo-like 500x375 JPEGs (~100 KiB, q90) -> {size}px uint8, batch {batch}, "
-          f"{workers} workers, medians of {repeats} epochs")
+    print(f"{title} -> {size}px uint8, batch {batch}, {workers} workers, medians of {repeats} {unit}")
     print(f"| {'loader':<34} | {'recipe':<10} | {'images/s':>8} | {'per core':>8} | {'x ImageFolder':>13} |")
     print(f"|{'-' * 36}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 15}|")
     for name, recipe, rate, core in results:
-        print(f"| {name:<34} | {recipe:<10} | {rate:>8.0f} | {core:>8.0f} | {core / base[recipe]:>13.2f} |")
+        ratio = f"{core / base[recipe]:.2f}" if recipe in base else "-"
+        print(f"| {name:<34} | {recipe:<10} | {rate:>8.0f} | {core:>8.0f} | {ratio:>13} |")
 
 
 def _samples(shards: ShardSet, limit: int) -> list[bytes]:
@@ -230,8 +255,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-ffcv", action="store_true", help="leave the ffcv row out")
     p.add_argument("--profile", action="store_true", help="also print the per-stage breakdown")
+    p.add_argument("--shards", help="measure the shard loaders on this folder (cvtkit's or the hub's layout)")
+    p.add_argument("--split", default="train", help="with --shards: the split (default: train)")
+    p.add_argument("--batches", type=int, default=20, help="with --shards: batches per repeat")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.shards:
+        shards = ShardSet.from_info(args.shards, args.split)
+        rows = {**wds_rows(shards, args.size, args.batch_size, args.workers),
+                **dali_rows(shards, args.size, args.batch_size, args.workers)}
+        title = f"{args.shards} split {args.split!r}"
+        print_table(measure(rows, args.repeats, args.batches), title, args.size, args.batch_size, args.workers,
+                    args.repeats, f"runs of {args.batches} batches")
+        return
     work = Path(tempfile.mkdtemp(prefix="cvtkit-bench-loaders-"))
     try:
         src = make_photos(work / "src", args.images)
@@ -241,8 +277,8 @@ def main(argv: list[str] | None = None) -> None:
             from cvtkit.prep.beton import write_beton
             write_beton(work / "wds", "train", work / "train.beton", max_resolution=512, workers=args.workers)
         rows = loaders(work, src, args.size, args.batch_size, args.workers)
-        print_table(measure(rows, args.repeats), args.images, args.size, args.batch_size, args.workers,
-                    args.repeats)
+        title = f"{args.images} photo-like 500x375 JPEGs (~100 KiB, q90)"
+        print_table(measure(rows, args.repeats), title, args.size, args.batch_size, args.workers, args.repeats)
         if args.profile:
             print_profile(ShardSet.from_info(str(work / "wds"), "train"), args.size, rows, args.workers)
     finally:

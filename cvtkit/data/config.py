@@ -13,7 +13,7 @@ from typing import Literal
 from cvtkit.config_loader import require
 from cvtkit.models.factory import EvalConfig
 
-from cvtkit.shards import INFO_FILE, ShardFolderError, ShardInfo
+from cvtkit.shards import ShardFolderError, ShardInfo, ShardSet, has_info
 from .transforms import AugmentConfig, eval_transform, min_decode_side, train_decoder, train_transform
 
 
@@ -21,7 +21,7 @@ from .transforms import AugmentConfig, eval_transform, min_decode_side, train_de
 class DataConfig:
     """Where the images are and how they are batched (the `data:` section of a run config)."""
     format: Literal["wds", "ffcv", "dali"] = "wds"
-    train: str = ""  # wds, dali: a shard folder with _info.json (wds: or URL prefix); ffcv: a .beton file
+    train: str = ""  # wds, dali: a shard folder with _info.json or info.json (wds: or URL prefix); ffcv: a .beton file
     train_split: str = "train"
     val: str | None = None  # as `train`; None: no validation
     val_split: str = "validation"
@@ -52,12 +52,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RunData:
-    """What a run's data folders say, read once per start: the `_info.json` of the training and
-    validation shards (None for ffcv files), and the training classes."""
+    """What a run's data folders say, read once per start: the split metadata of the training
+    and validation shards (None for ffcv files), the training split and its classes."""
     cfg: DataConfig
     train_info: ShardInfo | None
     val_info: ShardInfo | None
     synsets: list[str] | None  # training class index -> synset, where known
+    train_shards: ShardSet | None = None
 
     @classmethod
     def open(cls, cfg: DataConfig) -> "RunData":
@@ -68,18 +69,23 @@ class RunData:
                 if path is not None and not Path(path).is_file():
                     raise ShardFolderError(f"data.{key}: {path}: no such .beton file")
             beside = Path(cfg.train).parent
-            synsets = ShardInfo.read(str(beside)).synsets if (beside / INFO_FILE).is_file() else None
+            synsets = ShardInfo.read(str(beside)).synsets if has_info(beside) else None
             return cls(cfg, None, None, synsets)
         train = _read(cfg.train, "train")
         if cfg.format == "dali" and not train.is_local:
             raise ShardFolderError(f"data.train: {cfg.train}: data.format dali reads local shard folders only")
         val = None if cfg.val is None else (train if cfg.val == cfg.train else _read(cfg.val, "val"))
-        train.split(cfg.train_split)  # a missing split or shard fails here, not in a worker
-        return cls(cfg, train, val, train.synsets)
+        shards = train.split(cfg.train_split)  # a missing split or shard fails here, not in a worker
+        if cfg.format == "dali":
+            from .dali_loader import check_labels
+            check_labels(shards)
+        if val is not None:
+            _check_same_classes(shards, val.split(cfg.val_split), cfg)
+        return cls(cfg, train, val, shards.synsets, shards)
 
     @property
     def num_classes(self) -> int | None:
-        return self.train_info.num_classes if self.train_info is not None else None
+        return self.train_shards.num_classes if self.train_shards is not None else None
 
     def train_loader(self, micro_batch: int, rank: int, world_size: int, seed: int):
         cfg = self.cfg
@@ -87,7 +93,7 @@ class RunData:
             from .ffcv_loader import FfcvLoader
             return FfcvLoader(cfg.train, micro_batch, cfg.res, rank, world_size, cfg.workers, seed,
                               train=True, augment=cfg.augment)
-        shards = self.train_info.split(cfg.train_split)
+        shards = self.train_shards
         if cfg.format == "dali":
             from .dali_loader import DaliLoader
             return DaliLoader(shards, micro_batch, cfg.res, rank, world_size, cfg.workers, seed,
@@ -107,6 +113,14 @@ class RunData:
             return eval_loader_beton(cfg.val, eval_cfg, cfg.eval_batch, rank, world_size, cfg.workers)
         return eval_loader_wds(self.val_info, cfg.val_split, eval_cfg, cfg.eval_batch, rank, world_size,
                                cfg.workers, reduced_decode=cfg.eval_reduced_decode)
+
+
+def _check_same_classes(train: ShardSet, val: ShardSet, cfg: DataConfig) -> None:
+    """Validation labels index the training classes (the hub's 22k folder: `train` goes with
+    `validation`, `train_12k` with `validation_12k`)."""
+    if train.synsets is not None and val.synsets is not None and train.synsets != val.synsets:
+        raise ShardFolderError(f"data.val_split {cfg.val_split!r} of {cfg.val} labels {len(val.synsets)} classes, "
+                               f"not the {len(train.synsets)} of data.train_split {cfg.train_split!r}")
 
 
 def _read(path: str, key: str) -> ShardInfo:

@@ -19,6 +19,8 @@ The loader contract, as `WdsLoader`'s:
   operator's state), and the resumed pipeline continues with the very same batches; on another
   world size or batch, the epoch continues from the same global sample count with a fresh
   pipeline (logged as approximate, as WdsLoader does);
+- labels: `cls`; a split labelled from each sample's `json` (timm's `train_12k`) is refused
+  (`check_labels`);
 - validation is not done here: `RunData.val_loader` uses WdsLoader and PIL, pixel-exact to the
   official evaluation, each sample once;
 - damage: samples the index check leaves out (not a JPEG, incomplete, a truncated shard) and
@@ -39,6 +41,7 @@ import re
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,6 +63,16 @@ def rand_augment_args(spec: str) -> dict:
     found = dict(re.findall(r"-(m|n|inc)([\d.]+)", spec))
     return {"n": int(found.get("n", 2)), "m": int(float(found.get("m", 10))), "num_magnitude_bins": 11,
             "monotonic_mag": found.get("inc", "0") != "0"}
+
+
+def check_labels(shards: ShardSet) -> None:
+    """DALI's webdataset reader labels from `cls`: a split labelled from each sample's `json`
+    (timm's `train_12k`) would need the json parsed and samples dropped inside the pipeline, which
+    DALI's operators cannot do (a batch keeps its size), so it is refused."""
+    if shards.alt_label is not None:
+        raise ShardFolderError(f"{Path(shards.urls[0]).parent}: split {shards.split!r} takes its labels from "
+                               f"each sample's json field {shards.alt_label!r}, which data.format dali cannot "
+                               f"read (DALI's reader labels from cls); use data.format wds")
 
 
 @dataclass
@@ -92,6 +105,7 @@ class DaliLoader(EpochLoader):
     def __post_init__(self):
         if any("://" in u for u in self.shards.urls):
             raise ShardFolderError(f"{self.shards.urls[0]}: data.format dali reads local shard folders only")
+        check_labels(self.shards)
         if self.shards.num_samples < self.world_size * self.batch_size:
             raise ShardFolderError(f"{self.shards.num_samples} samples cannot give one batch of "
                                    f"{self.batch_size} to each of {self.world_size} ranks")

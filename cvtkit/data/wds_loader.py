@@ -95,7 +95,9 @@ class _SlotStream(IterableDataset):
 
     def _raw(self, shard_ids: list[int], stride: int, phase: int) -> Iterator[dict]:
         urls = [{"url": self.shards.urls[i]} for i in shard_ids]
-        samples = wds.tarfile_to_samples(handler=self._shard_error)(urls)
+        # labels as the split gives them (an alt-label split leaves samples out) before the
+        # stride, the shuffle and a resume's skip, which all count the split's samples
+        samples = self.shards.labelled(wds.tarfile_to_samples(handler=self._shard_error)(urls), self._count_damage)
         return (s for i, s in enumerate(samples) if i % stride == phase)
 
     def _cycled(self, shard_ids: list[int], stride: int, phase: int, rng: random.Random) -> Iterator[dict]:

@@ -7,8 +7,8 @@ model's evaluation metadata at the chosen resolution (docs/evaluation.md), on we
     torchrun --nproc-per-node 8 finetune/evaluate.py --checkpoint exports/w24 --data /data/imagenet/val
 
 Labels follow the model's classes: when the checkpoint lists its synsets (runs, exports) and the
-data lists its own (shards' `_info.json`, folder names), labels are mapped by synset, so a 22k
-model can be scored on 1k data. Every rank reads the checkpoint; for a large DeepSpeed run,
+data lists its own (shards' `_info.json`, timm's lists for the hub's shards, folder names), labels
+are mapped by synset, so a 22k model can be scored on 1k data or on the hub's `validation_12k`. Every rank reads the checkpoint; for a large DeepSpeed run,
 export it first (finetune/export.py) so that nothing is consolidated per rank.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from cvtkit.data.eval_sets import EvalDataError, folder_eval_loader
 from cvtkit.data.config import eval_loader_beton, eval_loader_wds
-from cvtkit.shards import INFO_FILE, ShardInfo, folder_synsets
+from cvtkit.shards import ShardInfo, folder_synsets, has_info
 from cvtkit.device import DTYPES, backend_for, local_device
 from cvtkit.dist import discover
 from cvtkit.errors import CvtkitError
@@ -50,12 +50,12 @@ def data_kind(path: str) -> str:
     p = Path(path)
     if p.is_file() and p.suffix == ".beton":
         return "ffcv"
-    if (p / INFO_FILE).is_file() or "://" in path:
+    if "://" in path or (p.is_dir() and has_info(p)):
         return "wds"
     if p.is_dir():
         return "folder"
-    raise EvalDataError(f"--data {path}: not a .beton file, a shard folder with _info.json, or an "
-                            f"image folder of class folders")
+    raise EvalDataError(f"--data {path}: not a .beton file, a shard folder with _info.json (or timm's "
+                        f"info.json), or an image folder of class folders")
 
 
 def _label_map(data_classes: list[str] | None, model_classes: list[str] | None, where: str):
@@ -82,7 +82,7 @@ def build_loader(path: str, split: str, eval_cfg: EvalConfig, batch: int, rank: 
         return folder_eval_loader(path, eval_cfg, batch, rank, world, workers, classes=model_classes)
     if kind == "wds":
         info = ShardInfo.read(path)
-        data_classes = info.synsets
+        data_classes = info.split(split).synsets  # an alt-label split's own (timm's validation_12k)
         loader = eval_loader_wds(info, split, eval_cfg, batch, rank, world, workers)
     else:
         data_classes = folder_synsets(str(Path(path).parent))
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
                         help="run folder or checkpoint (any ZeRO stage), export, official or HF file")
-    parser.add_argument("--data", required=True, help="shard folder (_info.json), .beton file or image folder")
+    parser.add_argument("--data", required=True,
+                        help="shard folder (_info.json or timm's info.json), .beton file or image folder")
     parser.add_argument("--res", type=int, help="input size (default: the run's evaluation size)")
     parser.add_argument("--split", default="validation", help="shard split (default: validation)")
     parser.add_argument("--model", help="model name, for checkpoints that do not record it")

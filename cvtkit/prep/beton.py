@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cvtkit.shards import ShardInfo
+from cvtkit.shards import ShardFolderError, ShardInfo
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class ShardIndex:
     def __init__(self, folder: str | Path, split: str):
         self.folder = Path(folder)
         shards = ShardInfo.read(str(folder)).split(split)
+        if shards.alt_label is not None:  # labels in each sample's json, some samples left out
+            raise ShardFolderError(f"{folder}: split {split!r} is labelled from each sample's json field "
+                                   f"{shards.alt_label!r}; make_ffcv writes splits labelled by cls only")
         self.num_classes = shards.num_classes
         self.samples: list[_Sample] = []
         for url in shards.urls:

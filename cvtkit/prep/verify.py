@@ -21,6 +21,9 @@ def verify(out: str | Path, decode_per_shard: int = 2) -> list[str]:
     if not info_path.is_file():
         return [f"{info_path}: missing (the job has not finished)"]
     info = json.loads(info_path.read_text())
+    if any("shard_sha256" not in s for s in info.get("splits", {}).values()) or "num_classes" not in info:
+        return [f"{info_path}: no shard_sha256 or num_classes: not made by make_shards.py "
+                f"(timm's copies on the HF hub are read as they are, not verified)"]
     problems = []
     for split, s in info["splits"].items():
         if sum(s["shard_lengths"]) != s["num_samples"]:
