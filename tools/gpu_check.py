@@ -299,7 +299,11 @@ def prepare(args) -> tuple[dict, Path | None]:
     site = None
     if args.wheels:
         site = Path(tempfile.mkdtemp(prefix="cvtkit-gpu-site-"))
-        names = install_wheels(Path(args.wheels), site)
+        try:
+            names = install_wheels(Path(args.wheels), site)
+        except WheelsError:
+            shutil.rmtree(site, ignore_errors=True)
+            raise
         print(f"gpu-check: installed {len(names)} wheels from {args.wheels} into {site}", flush=True)
     env["PYTHONPATH"] = os.pathsep.join([*([str(site)] if site else []), str(REPO),
                                          *filter(None, [os.environ.get("PYTHONPATH")])])
