@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config build-essential slurmctld slurmd slurm-client munge
 SETUP_STAMP := $(VENV)/.setup-complete
 
-.PHONY: setup test test-fast gpu-check demo zoo bench clean
+.PHONY: setup test test-fast gpu-wheels gpu-check demo zoo bench clean
 
 setup: $(SETUP_STAMP)
 
@@ -33,9 +33,18 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow and not gpu"
 
-# On a GPU machine, in one call (about 9 minutes): the CUDA tests (`pytest -m gpu`), `make demo`
-# with its training on the GPU, and the benchmark table; everything under $OUT (or gpu_check_out/).
-# `make gpu-check GPU_CHECK_ARGS="--parts bench"` reruns one part; `--dry-run` checks it on CPU.
+# Step 1 of the GPU proof, where PyPI answers: the wheels a bare GPU machine lacks (DeepSpeed built
+# here, webdataset, submitit, simplejpeg and what they need), for CPython 3.12 on manylinux
+# x86-64, at this environment's versions, into gpu_wheels/ (about 6 MiB; at most 60).
+gpu-wheels: setup
+	$(PY) tools/gpu_wheels.py --out gpu_wheels $(GPU_WHEELS_ARGS)
+
+# Step 2, on the GPU machine, offline, from the checkout with gpu_wheels/ beside it:
+#   python tools/gpu_check.py --wheels gpu_wheels --out $OUT
+# (no `make setup` there). In one call (about 9 minutes): the CUDA tests (`pytest -m gpu`),
+# `make demo` on the GPU, the Trainer from the recipes, the kernel-level table; everything under
+# $OUT (or gpu_check_out/). Without CUDA it refuses at once. `make gpu-check` runs it from this
+# environment; GPU_CHECK_ARGS="--parts bench" reruns one part, "--dry-run" checks it on CPU.
 gpu-check: setup
 	$(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
@@ -47,18 +56,22 @@ demo: setup
 zoo: setup
 	$(PY) -m cvtkit.models.summary
 
-# Training-step table (GPU: the BENCHMARKS.md configurations; CPU: a small smoke configuration),
+# The Trainer from the recipes (GPU: the aims' rows; CPU: the tiny recipe), the kernel-level
+# training-step table (GPU: the BENCHMARKS.md configurations; CPU: a small smoke configuration),
 # then the loader and shard-writing benchmarks; one summary at the end. Progress goes to stderr.
 # `make bench BENCH_TRAIN_ARGS="--configs cvt_13@224:b256:ref cvt_13@224:b256:sdpa+cl+rcompile"`
 bench: setup
 	@set -e -o pipefail; d=$$(mktemp -d); trap 'rm -rf "$$d"' EXIT; \
+	echo "bench: the Trainer from the recipes (python -m cvtkit.bench.recipes $(BENCH_RECIPES_ARGS))"; \
+	$(PY) -m cvtkit.bench.recipes $(BENCH_RECIPES_ARGS) > "$$d/recipes.md"; \
 	echo "bench: training step (python -m cvtkit.bench.train $(BENCH_TRAIN_ARGS))"; \
 	$(PY) -m cvtkit.bench.train $(BENCH_TRAIN_ARGS) > "$$d/train.md"; \
 	echo "bench: loaders (python -m cvtkit.bench.loaders)"; \
 	$(PY) -m cvtkit.bench.loaders > "$$d/loaders.txt"; \
 	echo "bench: shard writing (python -m cvtkit.bench.shards)"; \
 	$(PY) -m cvtkit.bench.shards > "$$d/shards.txt"; \
-	printf '\n# cvtkit benchmarks (%s, %s)\n\n## Training step\n\n' "$$(hostname)" "$$(date -u +%Y-%m-%dT%H:%MZ)"; \
+	printf '\n# cvtkit benchmarks (%s, %s)\n\n## The Trainer from the recipes\n\n' "$$(hostname)" "$$(date -u +%Y-%m-%dT%H:%MZ)"; \
+	cat "$$d/recipes.md"; printf '\n## Training step, kernel by kernel\n\n'; \
 	cat "$$d/train.md"; printf '\n## Loaders\n\n'; cat "$$d/loaders.txt"; \
 	printf '\n## Shard writing\n\n'; cat "$$d/shards.txt"
 

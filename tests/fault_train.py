@@ -13,7 +13,18 @@ training code is the real one; only the moments chosen below are intercepted.
                                          the save of step STEP (as a diverging update would)
     CVTKIT_DUMP_BUFFERS=PATH             after training, each rank writes its module's buffers to
                                          PATH.rankR
+    CVTKIT_KILL_AT_STEP=STEP             SIGKILL this process (every rank) once optimizer step STEP
+                                         has been queued
+    CVTKIT_DETERMINISTIC=1               deterministic algorithms (torch's, cuBLAS's workspace), no
+                                         cuDNN autotuning: reruns give the same numbers
+    CVTKIT_COUNT_HOST_READS=PATH         count the device reads (`aten._local_scalar_dense`: `.item()`,
+                                         `float(t)`, `if t:`) between the end of one log step and
+                                         the read of the ranks' agreement at the next, by whose code
+                                         made them (cvtkit's own, DeepSpeed's, torch's DataLoader
+                                         on its own CPU tensors, other); each rank
+                                         writes its windows to PATH.rankR as JSON
 """
+import json
 import os
 import random
 import signal
@@ -104,7 +115,93 @@ def dump_buffers(out: str) -> None:
     Trainer.train = train
 
 
+def kill_at_step(step: int) -> None:
+    from cvtkit.train.trainer import Trainer
+    real_step = Trainer._train_step
+
+    def train_step(self, batches, stop):
+        wait = real_step(self, batches, stop)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return wait
+    Trainer._train_step = train_step
+
+
+def deterministic() -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def _reader(cvtkit_dir: str) -> tuple[str, str]:
+    """Whose code asked for a read: the innermost frame in cvtkit or in DeepSpeed (frames of
+    torch, timm and the like count for whoever called them), or "host data" inside torch's
+    DataLoader, which reads only CPU tensors of its own (the seed it draws at each epoch's start)."""
+    frame = sys._getframe(2)
+    data_loader = f"{os.sep}torch{os.sep}utils{os.sep}data{os.sep}"
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if data_loader in name:
+            return "host data", f"{Path(name).name}:{frame.f_lineno} ({frame.f_code.co_name})"
+        if name.startswith(cvtkit_dir) or f"{os.sep}deepspeed{os.sep}" in name:
+            who = "cvtkit" if name.startswith(cvtkit_dir) else "deepspeed"
+            return who, f"{Path(name).name}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return "other", "?"
+
+
+def count_host_reads(out: str) -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import cvtkit
+    from cvtkit.train.agreement import StepAgreement
+    from cvtkit.train.trainer import Trainer
+    cvtkit_dir = str(Path(cvtkit.__file__).resolve().parent)
+    windows, state = [], {"window": None, "trainer": None}
+    scalar = torch.ops.aten._local_scalar_dense.default
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            window = state["window"]
+            if window is not None:
+                window["ops"] += 1
+                if func is scalar:
+                    who, where = _reader(cvtkit_dir)
+                    window[who] += 1
+                    window["where"][where] = window["where"].get(where, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    real_log, real_read, real_train = Trainer._log_train, StepAgreement.read, Trainer.train
+
+    def log_train(self, *args):
+        real_log(self, *args)
+        state["trainer"] = self
+        state["window"] = {"after_step": self.step, "cvtkit": 0, "deepspeed": 0, "host data": 0, "other": 0,
+                           "ops": 0, "where": {}}
+
+    def read(self, new_window):
+        if state["window"] is not None:
+            windows.append({**state["window"], "read_at_step": state["trainer"].step})
+            state["window"] = None
+        return real_read(self, new_window)
+
+    def train(self, signals):
+        try:
+            with Count():
+                return real_train(self, signals)
+        finally:
+            Path(f"{out}.rank{self.rank}").write_text(json.dumps(windows, indent=1))
+
+    Trainer._log_train, StepAgreement.read, Trainer.train = log_train, read, train
+
+
 if __name__ == "__main__":
+    if os.environ.get("CVTKIT_DETERMINISTIC"):
+        deterministic()
+    if os.environ.get("CVTKIT_KILL_AT_STEP"):
+        kill_at_step(int(os.environ["CVTKIT_KILL_AT_STEP"]))
+    if os.environ.get("CVTKIT_COUNT_HOST_READS"):
+        count_host_reads(os.environ["CVTKIT_COUNT_HOST_READS"])
     if os.environ.get("CVTKIT_KILL_AT_SAVE"):
         kill_at_save(os.environ["CVTKIT_KILL_AT_SAVE"])
     if os.environ.get("CVTKIT_PLANT_NAN"):

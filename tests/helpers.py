@@ -3,6 +3,8 @@ ranks as N processes with the variables a launcher exports, as srun or torchrun 
 local Slurm, and the rule for tests that cannot run on this machine."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import re
@@ -34,6 +36,15 @@ def cannot_run(reason: str) -> None:
         pytest.fail(f"{reason} (CVTKIT_NO_SKIP is set: this test must run here)")
     pytest.skip(reason)
 
+
+
+@functools.cache
+def tool(name: str):
+    """A script of tools/ (`gpu_check`, `gpu_wheels`) as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_tiny_shards(root: Path, per_class=16, val_per_class=4, shard_samples=20,

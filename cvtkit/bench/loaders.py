@@ -13,7 +13,10 @@ prefetcher and in cvtkit's trainer):
 - WdsLoader with the DeiT recipe from JPEG bytes (`transforms.train_decoder`), and with the
   PIL transform (the path before it);
 - FfcvLoader (RRC + flip: all ffcv offers of the recipe);
-- DaliLoader on DALI's CPU operators (crop-decode, resize, flip, DALI's RandAugment).
+- DaliLoader on DALI's CPU operators (crop-decode, resize, flip, DALI's RandAugment), and with
+  "mixed" decoding on a GPU.
+A loader whose package is not installed (DALI and ffcv do not travel to a bare GPU machine) is a
+row that says so, never a measurement.
 Each repeat runs one epoch of every loader in turn (the first, a warm-up for the page cache and
 ffcv's compilation, is not counted); the table has medians. "per core" is images per CPU second
 of the loader's processes (the trainer's process, its threads, and the workers, from
@@ -28,6 +31,7 @@ decode several times faster than photos).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import itertools
 import random
@@ -124,6 +128,8 @@ def loaders(work: Path, src: Path, size: int, batch: int, workers: int) -> dict:
         from cvtkit.data.ffcv_loader import FfcvLoader
         ffcv = FfcvLoader(str(work / "train.beton"), batch, size, workers=workers)  # one Loader per run
         rows["FfcvLoader RRC + flip"] = (RRC_FLIP, lambda: ffcv)
+    elif not installed("ffcv"):
+        rows["FfcvLoader RRC + flip"] = (RRC_FLIP, None)
     return {**rows, **dali_rows(shards, size, batch, workers)}
 
 
@@ -140,6 +146,8 @@ def wds_rows(shards: ShardSet, size: int, batch: int, workers: int) -> dict:
 
 def dali_rows(shards: ShardSet, size: int, batch: int, workers: int) -> dict:
     """DALI's rows; none for a split DALI cannot label (`dali_loader.check_labels`)."""
+    if not installed("nvidia.dali"):  # a bare GPU machine: DALI (~870 MB) does not travel
+        return {"DaliLoader DeiT (CPU operators)": (DEIT, None), "DaliLoader DeiT (mixed, GPU)": (DEIT, None)}
     from cvtkit.data.dali_loader import DaliLoader, check_labels
     try:
         check_labels(shards)
@@ -155,16 +163,26 @@ def dali_rows(shards: ShardSet, size: int, batch: int, workers: int) -> dict:
     return rows
 
 
-def measure(rows: dict, repeats: int, batches: int | None = None) -> list[tuple[str, str, float, float]]:
-    """(name, recipe, median images/s, median images per CPU second), repeats interleaved."""
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing too
+        return False
+
+
+def measure(rows: dict, repeats: int, batches: int | None = None) -> list[tuple[str, str, float | None, float | None]]:
+    """(name, recipe, median images/s, median images per CPU second), repeats interleaved; None
+    for a loader whose package is not installed here."""
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
     for rep in range(repeats + 1):
         for name, (_, make) in rows.items():
+            if make is None:
+                continue
             count, wall, cpu = _epoch(make, batches)
             if rep:  # the first pass warms up
                 samples[name].append((count / wall, count / max(cpu, 1e-9)))
-    return [(name, rows[name][0], statistics.median(s[0] for s in got), statistics.median(s[1] for s in got))
-            for name, got in samples.items()]
+    return [(name, rows[name][0], *((statistics.median(s[0] for s in got), statistics.median(s[1] for s in got))
+                                    if got else (None, None))) for name, got in samples.items()]
 
 
 def print_table(results, title: str, size: int, batch: int, workers: int, repeats: int, unit: str = "epochs") -> None:
@@ -173,6 +191,9 @@ def print_table(results, title: str, size: int, batch: int, workers: int, repeat
     print(f"| {'loader':<34} | {'recipe':<10} | {'images/s':>8} | {'per core':>8} | {'x ImageFolder':>13} |")
     print(f"|{'-' * 36}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 15}|")
     for name, recipe, rate, core in results:
+        if rate is None:  # never a measurement
+            print(f"| {name:<34} | {recipe:<10} | not installed here (not measured) | | |")
+            continue
         ratio = f"{core / base[recipe]:.2f}" if recipe in base else "-"
         print(f"| {name:<34} | {recipe:<10} | {rate:>8.0f} | {core:>8.0f} | {ratio:>13} |")
 
@@ -273,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         src = make_photos(work / "src", args.images)
         run(PrepOptions(source=str(src), out=str(work / "wds"), holdout=0, shard_samples=100,
                         workers=args.workers), progress=False)
-        if not args.no_ffcv:
+        if not args.no_ffcv and installed("ffcv"):
             from cvtkit.prep.beton import write_beton
             write_beton(work / "wds", "train", work / "train.beton", max_resolution=512, workers=args.workers)
         rows = loaders(work, src, args.size, args.batch_size, args.workers)

@@ -1,5 +1,8 @@
-"""Training-step speed and memory: SDPA vs the official einsum attention, channels-last, compile,
-activation checkpointing, ZeRO, against the device's peak and its measured matmul rate.
+"""Training-step speed and memory, kernel by kernel: SDPA vs the official einsum attention,
+channels-last, compile, activation checkpointing, against the device's peak and its measured
+matmul rate. These rows are plain PyTorch (autocast, fp32 parameters, torch's AdamW), one option
+at a time; what users run (the Trainer from a recipe: DeepSpeed ZeRO, bf16 parameters, the
+recipe's micro batch) is `python -m cvtkit.bench.recipes`, the table the aims are read off.
 
     python -m cvtkit.bench.train                                    # default table (GPU or CPU)
     python -m cvtkit.bench.train --configs cvt_13@224:b256:ref cvt_13@224:b256:sdpa+cl+compile
@@ -13,8 +16,6 @@ A configuration is `MODEL@RES:bBATCH[:OPT+OPT+...]`; the options are
                      the same shapes and drop-path rate share a graph; the per-block drop-path
                      ramp makes most blocks distinct, so the compile time gain is small)
     ckpt             activation checkpointing of every block
-    zero1|zero2|zero3  single-process DeepSpeed engine at that ZeRO stage (bf16 parameters,
-                     DeepSpeed's AdamW)
     bf16 | fp32      bf16 autocast or plain fp32 (default: --dtype, itself bf16 on GPU, fp32 on CPU,
                      where bf16 autocast is many times slower)
 
@@ -30,7 +31,8 @@ attention matmuls, `model_macs`; recomputation under ckpt is not counted) x imag
 device's dense bf16 peak (989.4 TFLOP/s for H100 SXM / H200); "of GEMM" divides by the
 8192^3 bf16 matmul rate measured at start instead. "x ref" is images/s over the first `ref`
 configuration of the same model and resolution (else the first configuration of that model and
-resolution). A configuration that runs out of memory prints OOM and the run goes on; SIGINT
+resolution). A configuration that runs out of memory prints OOM (a finding, not a measurement)
+and the run goes on; one that fails otherwise prints its error, and the command exits 1. SIGINT
 (`timeout -s INT 480 python -m ...`) stops the run and prints the rows measured so far.
 """
 from __future__ import annotations
@@ -41,23 +43,25 @@ import json
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from cvtkit.models.summary import model_macs
 from cvtkit.train.metrics import device_peak_flops
 
-from .train_step import (BenchConfig, Row, free_memory, is_oom, model_overrides, sync, zero_teardown,
-                         run_config)
+from .train_step import BenchConfig, Row, free_memory, is_oom, model_overrides, run_config, sync
 
+# The GPU table (also `make gpu-check`'s), most important first: a deadline (SIGINT) cuts the
+# compile rows, which come last, first.
 GPU_DEFAULT = [
     "cvt_13@224:b256:ref", "cvt_13@224:b256:sdpa", "cvt_13@224:b256:sdpa+cl",
-    "cvt_13@224:b256:sdpa+cl+compile",
-    "cvt_21@224:b256:ref", "cvt_21@224:b256:sdpa+cl+compile",
-    "cvt_w24@224:b128:ref", "cvt_w24@224:b128:sdpa+cl+compile",
-    "cvt_w24@384:b64:ref", "cvt_w24@384:b64:sdpa+cl+compile", "cvt_w24@384:b64:sdpa+cl+ckpt",
-    "ceit_small@224:b256:ref", "ceit_small@224:b256:sdpa+cl+compile",
-    "cvt_13@224:b256:sdpa+zero2",
+    "cvt_w24@224:b128:ref", "cvt_w24@224:b128:sdpa+cl",
+    "cvt_w24@384:b64:ref", "cvt_w24@384:b64:sdpa+cl", "cvt_w24@384:b64:sdpa+cl+ckpt",
+    "cvt_21@224:b256:ref", "cvt_21@224:b256:sdpa+cl",
+    "ceit_small@224:b256:ref", "ceit_small@224:b256:sdpa+cl",
+    "cvt_13@224:b256:sdpa+cl+compile", "cvt_w24@224:b128:sdpa+cl+compile",
+    "cvt_w24@384:b64:sdpa+cl+compile", "cvt_21@224:b256:sdpa+cl+compile", "ceit_small@224:b256:sdpa+cl+compile",
 ]
 # Small enough for a 2-core CI machine: a few seconds per configuration.
 CPU_DEFAULT = ["cvt_13@112:b8:ref", "cvt_13@112:b8:sdpa"]
@@ -178,6 +182,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--profile-match", nargs="+", default=["*"], metavar="GLOB",
                    help="profile only the configs whose spec matches one of these globs (default: all)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--json", metavar="FILE", help="also write the rows' status and figures as JSON")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         p.error("--steps must be >= 1 and --warmup >= 0")
     try:
         configs = [BenchConfig.parse(s) for s in (args.configs or (GPU_DEFAULT if on_gpu else CPU_DEFAULT))]
-        configs = [c if c.dtype else replace(c, dtype="bf16" if c.zero else args.dtype) for c in configs]
+        configs = [c if c.dtype else replace(c, dtype=args.dtype) for c in configs]
     except ValueError as exc:
         p.error(str(exc))
     if args.profile:
@@ -205,8 +210,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     peak = device_peak(device, args.peak_tflops)
     free_memory(device)  # the matmul's buffers stay out of the first configuration's peak
 
-    with zero_teardown():
-        rows, interrupted = _run_all(configs, args, device, peak)
+    rows, interrupted = _run_all(configs, args, device, peak)
 
     print(f"device: {name}; torch {torch.__version__}"
           + (f", CUDA {torch.version.cuda}" if on_gpu else ""))
@@ -219,8 +223,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(format_table(rows, peak, gemm))
     if interrupted:
         print(f"\ninterrupted: {len(configs) - len(rows)} configuration(s) not measured")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"rows": [{"spec": r.cfg.spec, "status": r.status, **({"images_per_s": r.images_per_s, "peak_gib":
+                       r.peak_gib, "tflops": r.tflops} if r.status == "ok" else {})} for r in rows],
+             "not_measured": [c.spec for c in configs[len(rows):]]}, indent=1) + "\n")
     return rows
 
 
+def exit_code(rows: list[Row]) -> int:
+    """1 when a configuration failed with an error (an OOM is a finding, not a failure)."""
+    return 1 if any(r.status.startswith("error") for r in rows) else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main()))

@@ -1,13 +1,13 @@
 """One training step of a benchmark configuration: parsing `MODEL@RES:bBATCH[:OPT+...]`, building
-the model and its step (plain PyTorch or a one-process DeepSpeed engine), timing and profiling
-it. `cvtkit.bench.train` runs the table; its docstring explains the options and the figures.
+the model and its plain PyTorch step, timing and profiling it. `cvtkit.bench.train` runs the table;
+its docstring explains the options and the figures. DeepSpeed, as training runs it, is measured
+by `cvtkit.bench.recipes` through the Trainer itself.
 """
 from __future__ import annotations
 
 import contextlib
 import fnmatch
 import gc
-import os
 import re
 import statistics
 import time
@@ -17,8 +17,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cvtkit.device import backend_for
-from cvtkit.dist import free_port
 from cvtkit.models import create_model, weight_decay_groups
 from cvtkit.models.factory import get_entry
 from cvtkit.models.summary import model_macs
@@ -37,7 +35,6 @@ class BenchConfig:
     compile: str | None = None  # None, "model" or "blocks"
     compile_mode: str | None = None
     ckpt: bool = False
-    zero: int | None = None
     dtype: str | None = None  # "bf16" (autocast) or "fp32"; None: --dtype
     spec: str = ""
 
@@ -60,17 +57,14 @@ class BenchConfig:
                 kw["compile_mode"] = value or None
             elif key == "ckpt" and not value:
                 kw["ckpt"] = True
-            elif key in ("zero1", "zero2", "zero3") and not value:
-                kw["zero"] = int(key[-1])
             elif key in ("bf16", "fp32") and not value:
                 kw["dtype"] = key
             else:
                 raise ValueError(f"config {spec!r}: unknown option {opt!r} (options: ref, sdpa, cl, "
-                                 "compile[=MODE], rcompile[=MODE], ckpt, zero1|2|3, bf16, fp32)")
+                                 "compile[=MODE], rcompile[=MODE], ckpt, bf16, fp32; DeepSpeed's ZeRO "
+                                 "as training runs it: python -m cvtkit.bench.recipes)")
         if kw["batch"] < 1 or kw["res"] < 16:
             raise ValueError(f"config {spec!r}: batch must be >= 1 and resolution >= 16")
-        if kw.get("zero") and kw.get("dtype") == "fp32":
-            raise ValueError(f"config {spec!r}: the ZeRO rows run bf16 parameters; drop fp32")
         return cls(**kw)
 
 
@@ -140,51 +134,8 @@ def compile_model(model: nn.Module, cfg: BenchConfig) -> nn.Module:
     return model
 
 
-_STARTED: dict = {"env": [], "group": False}  # what the ZeRO rows set up, for main() to undo
-
-
-@contextlib.contextmanager
-def zero_teardown():
-    """Undo what the ZeRO rows set up (process group, launcher variables), so that a caller's
-    process, a test run say, is left as it was."""
-    try:
-        yield
-    finally:
-        if _STARTED["group"] and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        for key in _STARTED["env"]:
-            os.environ.pop(key, None)
-        _STARTED.update(env=[], group=False)
-
-
 def _build_step(cfg: BenchConfig, model: nn.Module, num_classes: int, device: torch.device):
-    """Returns `step()` that runs one training step on a fixed synthetic batch."""
-    if cfg.zero:
-        import deepspeed  # imported when a ZeRO row runs: it takes seconds
-
-        if not torch.distributed.is_initialized():
-            # A one-process group; main() takes these variables and the group down at the end.
-            for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
-                if key not in os.environ:
-                    os.environ[key] = value
-                    _STARTED["env"].append(key)
-            deepspeed.init_distributed(dist_backend=backend_for(device))
-            _STARTED["group"] = True
-        config = {"train_micro_batch_size_per_gpu": cfg.batch, "gradient_accumulation_steps": 1,
-                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.05}},
-                  "zero_optimization": {"stage": cfg.zero}, "bf16": {"enabled": True},
-                  "steps_per_print": 10 ** 9}
-        engine, _, _, _ = deepspeed.initialize(model=model, config=config,
-                                               model_parameters=weight_decay_groups(model, 0.05))
-        x, target = _synthetic_batch(cfg, num_classes, device, torch.bfloat16)
-
-        def step():
-            loss = soft_target_cross_entropy(engine(x), target)
-            engine.backward(loss)
-            engine.step()
-        return step, engine
-
+    """Returns `step()` that runs one training step on a fixed synthetic batch, and its optimizer."""
     forward = compile_model(model, cfg) if cfg.compile else model
     opt_kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=1e-4, **opt_kw)

@@ -4,8 +4,9 @@ resume, preemption, validation and logging.
     code = Trainer(cfg).fit()   # 0: finished, EXIT_REQUEUE: stopped by a signal after saving
 
 Step boundaries are the only places where state changes hands: the loader position, RNG states,
-EMA and the optimizer are saved there, and every rank agrees there (one all-reduce per step) on
-whether to stop for a signal or because the loss is no longer finite.
+EMA and the optimizer are saved there. Every rank agrees on whether to stop for a signal or
+because the loss is no longer finite on the steps where the host decides anything (log steps,
+saves, the end; `agreement.py`): between those, the step loop reads nothing back from the device.
 """
 from __future__ import annotations
 
@@ -14,11 +15,9 @@ import math
 import os
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from cvtkit.checkpoint import RUN_CONFIG_FILE, ResumeError, has_tag_folders, latest_complete, read_meta
@@ -32,6 +31,7 @@ from cvtkit.errors import CvtkitError
 from cvtkit.models.factory import EvalConfig, build_model, eval_config
 from cvtkit.rng import RngState, derived_seed, seed_everything
 
+from .agreement import StepAgreement, StepReport
 from .checkpointer import Checkpointer
 from .engine import batch_plan, build_optimizer, deepspeed_config, init_distributed
 from .loss import classification_loss
@@ -54,27 +54,20 @@ class NonFiniteLoss(CvtkitError):
     exit_code = 1
 
 
-@dataclass
-class StepReport:
-    """What every rank agreed on after a step (one all-reduce)."""
-    loss: float  # mean over ranks and micro-batches
-    nonfinite: bool  # any rank saw a non-finite loss
-    stop: bool  # any rank received a stop signal
-    damaged: int  # samples or shards the loaders of all ranks skipped so far
-
-
 class Trainer:
     """`require_pretrained`: a fresh run (no checkpoint to resume) must name `init.pretrained`
-    (fine-tuning)."""
+    (fine-tuning). `data`: the run's data when it is not read from `cfg.data` (what `RunData.open`
+    gives: the training benchmark passes synthetic batches in memory, `cvtkit.bench.recipes`)."""
 
-    def __init__(self, cfg: RunConfig, dist_env: DistEnv | None = None, require_pretrained: bool = False):
+    def __init__(self, cfg: RunConfig, dist_env: DistEnv | None = None, require_pretrained: bool = False,
+                 data: RunData | None = None):
         self.cfg = cfg
         self.env = dist_env or discover()
         self.require_pretrained = require_pretrained
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         # Everything `setup()` builds, in its order; None until then.
-        self.data: RunData | None = None
+        self.data: RunData | None = data
         self.micro = self.accum = 0
         self.device: torch.device | None = None
         self.rank, self.world = 0, 1
@@ -100,7 +93,7 @@ class Trainer:
         group, model or loader exists."""
         cfg = self.cfg
         tag = self._checkpoint_to_resume()
-        self.data = RunData.open(cfg.data)
+        self.data = self.data or RunData.open(cfg.data)
         self._check_num_classes()
         self.micro, self.accum = batch_plan(cfg, self.env.world_size)
         universal = self._check_resume(tag) if tag else False
@@ -223,7 +216,8 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / RUN_CONFIG_FILE)
-        record = {"start": time.time(), "step": self.step, "world_size": self.world,
+        record = {"start": time.time(), "step": self.step, "world_size": self.world, "device": str(self.device),
+                  "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
                   "micro_batch": self.micro, "accumulation": self.accum,
                   "git_commit": git_commit(Path(__file__).resolve().parents[2]),
                   "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
@@ -257,19 +251,24 @@ class Trainer:
                    disable=not (cfg.log.progress and self.rank == 0))
         batches = self._batches()
         meter = Throughput()
+        self.agreement = StepAgreement(collective_device())
         # engine.train_mode=eval: frozen BN statistics and no drop path (DeiT/CeiT fine-tuning)
         self.engine.train(cfg.engine.train_mode == "train")
         while self.step < total:
             lr = self.schedule(self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            report, data_wait = self._train_step(batches, stop=signals.received is not None)
-            stop = report.stop or self.step == cfg.checkpoint.stop_at_step
-            self._check_health(report, lr)
+            data_wait = self._train_step(batches, stop=signals.received is not None)
             meter.add(cfg.data.batch_size, data_wait)
             bar.update(1)
+            log = self.step % cfg.log.every_steps == 0 or self.step == total
+            if not (log or self._decides()):  # nothing to decide: queue the next step without waiting
+                continue
+            report = self.agreement.read(new_window=log)
+            stop = report.stop or self.step == cfg.checkpoint.stop_at_step
+            self._check_health(report, lr)
             bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{lr:.2e}")
-            if self.step % cfg.log.every_steps == 0 or self.step == total:
+            if log:
                 self._log_train(report, lr, meter)
                 meter.reset()
             if cfg.log.eval_every_steps and self.step % cfg.log.eval_every_steps == 0 and self.step < total:
@@ -292,10 +291,10 @@ class Trainer:
         while True:
             yield from self.loader
 
-    def _train_step(self, batches, stop: bool) -> tuple[StepReport, float]:
-        """One optimizer step over `accum` micro-batches, then the ranks' agreement; returns it and
-        the seconds spent waiting for data."""
-        loss_sum, nonfinite, data_wait = 0.0, False, 0.0
+    def _train_step(self, batches, stop: bool) -> float:
+        """One optimizer step over `accum` micro-batches and the ranks' agreement on it, without
+        reading anything back from the device; returns the seconds spent waiting for data."""
+        data_wait = 0.0
         for _ in range(self.accum):
             t0 = time.perf_counter()
             images, labels = next(batches)[:2]
@@ -304,18 +303,18 @@ class Trainer:
             loss = classification_loss(self.engine(x), y, self.batch.label_smoothing)
             self.engine.backward(loss)
             self.engine.step()
-            value = loss.item()
-            nonfinite |= not math.isfinite(value)
-            loss_sum += value / self.accum if math.isfinite(value) else 0.0
+            self.agreement.add_loss(loss)
         self.step += 1
         average_across_ranks(self.buffers_to_average)
         if self.ema is not None and self.step % self.cfg.ema.every_steps == 0:
             self.ema.update(self.engine.module)
-        damaged = getattr(self.loader, "damaged", 0)
-        t = torch.tensor([loss_sum, float(nonfinite), float(stop), float(damaged)], dtype=torch.float64,
-                         device=collective_device())
-        dist.all_reduce(t)
-        return StepReport(t[0].item() / self.world, t[1].item() > 0, t[2].item() > 0, int(t[3].item())), data_wait
+        self.agreement.end_step(self.step, stop, getattr(self.loader, "damaged", 0))
+        return data_wait
+
+    def _decides(self) -> bool:
+        """Whether the host acts after this step besides logging (a save, `checkpoint.stop_at_step`),
+        and so reads the ranks' agreement; a stop signal also waits for such a step or a log step."""
+        return self.step == self.cfg.checkpoint.stop_at_step or self._should_save(False)
 
     def _check_health(self, report: StepReport, lr: float) -> None:
         """Damaged data is reported and training goes on; a run of non-finite losses stops it."""
@@ -323,11 +322,11 @@ class Trainer:
             self._info(f"step {self.step}: the loaders skipped {report.damaged - self.damaged} damaged "
                        f"samples or shards ({report.damaged} in all); training goes on")
             self.damaged = report.damaged
-        self.nonfinite_run = self.nonfinite_run + 1 if report.nonfinite else 0
-        if self.nonfinite_run >= self.cfg.engine.max_nonfinite:
-            raise NonFiniteLoss(f"the loss was not finite for {self.nonfinite_run} consecutive steps "
-                                f"(last at step {self.step}, lr {lr:.3g}); the last checkpoint "
-                                f"(step {self.last_saved}) is intact; lower optim.lr or check the data")
+        if report.nonfinite_run >= self.cfg.engine.max_nonfinite:
+            raise NonFiniteLoss(f"the loss was not finite for {report.nonfinite_run} consecutive steps "
+                                f"(last at step {report.nonfinite_last}, lr {lr:.3g} at step {self.step}); "
+                                f"the last checkpoint (step {self.last_saved}) is intact; lower optim.lr "
+                                f"or check the data")
 
     def _should_save(self, stop: bool) -> bool:
         """The one place that decides: on a stop, at the end of the schedule, and every
@@ -350,9 +349,11 @@ class Trainer:
         self._info(f"saved {folder}")
 
     def _log_train(self, report: StepReport, lr: float, meter: Throughput) -> None:
+        """`train/loss` is the mean over the steps since the last log step, `train/nonfinite` the
+        number of them with a non-finite loss."""
         speed = meter.read()
         per_gpu = speed["images_per_s"] / self.world
-        values = {"train/loss": report.loss, "train/lr": lr, "train/nonfinite": float(report.nonfinite),
+        values = {"train/loss": report.loss, "train/lr": lr, "train/nonfinite": float(report.nonfinite_steps),
                   "perf/images_per_s": speed["images_per_s"], "perf/images_per_s_per_gpu": per_gpu,
                   "perf/step_s": speed["step_s"], "perf/data_wait_fraction": speed["data_wait_fraction"],
                   "mem/peak_gib": peak_memory_gib(self.device), "train/epoch": self.step / self.steps_per_epoch,
