@@ -1,12 +1,16 @@
 """Loader speed on the same photo-like images, side by side in one run, against ImageFolder.
 
     python -m cvtkit.bench.loaders --images 1500 --workers 2 --size 224 --repeats 3 [--profile]
+        [--device-batch 256 --device-size 224]
 
 Rows (uint8 out everywhere: random erasing and normalisation run on the device, as in timm's
 prefetcher and in cvtkit's trainer):
 - ImageFolder + timm's DeiT transform (RRC, flip, RandAugment), and + RRC + flip only;
 - WdsLoader with the DeiT recipe from JPEG bytes (`transforms.train_decoder`), and with the
   PIL transform (the path before it);
+- WdsLoader with `randaugment_on: device`: the CPU side only (decode, crop, flip, RandAugment's
+  draws); the device side is measured apart, in milliseconds per batch (`--device-batch`,
+  `--device-size`), on the GPU where there is one, else on the CPU;
 - FfcvLoader (RRC + flip: all ffcv offers of the recipe);
 - DaliLoader on DALI's CPU operators (crop-decode, resize, flip, DALI's RandAugment).
 Each repeat runs one epoch of every loader in turn (the first, a warm-up for the page cache and
@@ -102,7 +106,7 @@ def _timm(size: int, auto_augment: str | None):
 
 def loaders(work: Path, src: Path, size: int, batch: int, workers: int) -> dict:
     """name -> (recipe, a function that builds the loader for one epoch)."""
-    aug = AugmentConfig()
+    aug, on_device = AugmentConfig(), AugmentConfig(randaugment_on="device")
     shards = ShardSet.from_info(str(work / "wds"), "train")
     rows = {
         "ImageFolder + timm DeiT": (DEIT, lambda: DataLoader(
@@ -113,6 +117,8 @@ def loaders(work: Path, src: Path, size: int, batch: int, workers: int) -> dict:
             shuffle=True, drop_last=True)),
         "WdsLoader DeiT (from JPEG bytes)": (DEIT, lambda: WdsLoader(
             shards, batch, workers=workers, transform=train_decoder(aug, size), shuffle_buffer=500)),
+        "WdsLoader DeiT, RandAugment on device": (DEIT, lambda: WdsLoader(
+            shards, batch, workers=workers, transform=train_decoder(on_device, size), shuffle_buffer=500)),
         "WdsLoader DeiT (PIL transform)": (DEIT, lambda: WdsLoader(
             shards, batch, workers=workers, transform=train_transform(aug, size, normalize=False),
             shuffle_buffer=500, decode_min_side=min_decode_side(size, aug))),
@@ -146,10 +152,47 @@ def print_table(results, images: int, size: int, batch: int, workers: int, repea
     base = {recipe: core for name, recipe, _, core in results if name.startswith("ImageFolder")}
     print(f"{images} photo-like 500x375 JPEGs (~100 KiB, q90) -> {size}px uint8, batch {batch}, "
           f"{workers} workers, medians of {repeats} epochs")
-    print(f"| {'loader':<34} | {'recipe':<10} | {'images/s':>8} | {'per core':>8} | {'x ImageFolder':>13} |")
-    print(f"|{'-' * 36}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 15}|")
+    print(f"| {'loader':<37} | {'recipe':<10} | {'images/s':>8} | {'per core':>8} | {'x ImageFolder':>13} |")
+    print(f"|{'-' * 39}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 15}|")
     for name, recipe, rate, core in results:
-        print(f"| {name:<34} | {recipe:<10} | {rate:>8.0f} | {core:>8.0f} | {core / base[recipe]:>13.2f} |")
+        print(f"| {name:<37} | {recipe:<10} | {rate:>8.0f} | {core:>8.0f} | {core / base[recipe]:>13.2f} |")
+
+
+def device_randaugment(batch: int, size: int, repeats: int, device: torch.device) -> list[float]:
+    """Milliseconds per batch of the device half of `randaugment_on: device` (`DeviceRandAugment`:
+    timm's RandAugment from the workers' draws) on `batch` photo-like crops at `size`, each with
+    its own draws; the first call warms up and is not counted."""
+    from cvtkit.data.randaugment_device import DeviceRandAugment, RandAugmentDraws
+    from cvtkit.data.transforms import timm_randaugment
+    ra = timm_randaugment(AugmentConfig(randaugment_on="device"), size)
+    rng = np.random.default_rng(0)
+    distinct = [torch.from_numpy(np.array(photo(rng, (size, size)))).permute(2, 0, 1) for _ in range(16)]
+    images = torch.stack([distinct[i % len(distinct)] for i in range(batch)]).to(device)
+    draw, draws = RandAugmentDraws(ra), []
+    for i in range(batch):
+        random.seed(i)
+        np.random.seed(i)
+        draws.append(draw())
+    apply, draws = DeviceRandAugment(ra), torch.stack(draws)
+    times = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        apply(images, draws)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    return times[1:]
+
+
+def print_device_row(batch: int, size: int, repeats: int) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ms = statistics.median(device_randaugment(batch, size, repeats, device))
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    print(f"\n| device half of `randaugment_on: device` | batch | size | device | ms per batch | ms per image |")
+    print("|---|---|---|---|---|---|")
+    print(f"| WdsLoader DeiT, RandAugment on device | {batch} | {size} | {where} | {ms:.1f} | {ms / batch:.3f} |")
 
 
 def _samples(shards: ShardSet, limit: int) -> list[bytes]:
@@ -228,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device-batch", type=int, default=256, help="batch of the device-half row")
+    p.add_argument("--device-size", type=int, default=224, help="image size of the device-half row")
     p.add_argument("--no-ffcv", action="store_true", help="leave the ffcv row out")
     p.add_argument("--profile", action="store_true", help="also print the per-stage breakdown")
     args = p.parse_args(argv)
@@ -243,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = loaders(work, src, args.size, args.batch_size, args.workers)
         print_table(measure(rows, args.repeats), args.images, args.size, args.batch_size, args.workers,
                     args.repeats)
+        print_device_row(args.device_batch, args.device_size, args.repeats)
         if args.profile:
             print_profile(ShardSet.from_info(str(work / "wds"), "train"), args.size, rows, args.workers)
     finally:

@@ -43,8 +43,8 @@ class DataConfig:
         require(self.eval_batch > 0, "eval_batch", "a positive batch", self.eval_batch)
         require(self.workers >= 0, "workers", ">= 0", self.workers)
         # Only the webdataset loader's decoder hands RandAugment's draws over to the device.
-        require(self.format == "wds" or self.augment.randaugment_on == "cpu", "augment.randaugment_on",
-                "cpu with data.format ffcv or dali", self.augment.randaugment_on)
+        require(self.format == "wds" or self.augment.randaugment_on == "cpu", "format",
+                "wds with augment.randaugment_on: device", self.format)
 
 
 @dataclass(frozen=True)

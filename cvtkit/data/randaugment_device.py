@@ -28,7 +28,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from cvtkit.errors import CvtkitError
 
@@ -86,8 +85,8 @@ class RandAugmentDraws:
 
 
 def _floor_u8(values: torch.Tensor) -> torch.Tensor:
-    """PIL's float -> uint8: clamped to [0, 255], truncated."""
-    return values.clamp(0, 255).floor_().to(torch.uint8)
+    """PIL's float -> uint8: clamped to [0, 255], truncated (in place: it takes a temporary)."""
+    return values.clamp_(0, 255).floor_().to(torch.uint8)
 
 
 def _blend(base: torch.Tensor, image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -215,18 +214,20 @@ class DeviceRandAugment:
         matrices = torch.tensor([_pil_matrix(fn, arg, w, h) for fn, arg, _ in picked],
                                 dtype=torch.float64, device=images.device)
         fill = torch.tensor([self.fill[op] for _, _, op in picked], dtype=torch.uint8, device=images.device)
-        return _warp(images, matrices, fill.view(n, 3, 1, 1), self.mode)
+        return _warp(images, matrices, fill, self.mode)
 
 
 def _smooth(images: torch.Tensor) -> torch.Tensor:
-    """PIL's `ImageFilter.SMOOTH` (3x3 kernel 1 1 1 / 1 5 1 / 1 1 1, scale 13): sums of integers,
+    """PIL's `ImageFilter.SMOOTH` (3x3 kernel 1 1 1 / 1 5 1 / 1 1 1, scale 13): integer sums,
     rounded half up (exact: a sum / 13 + 0.5 is never an integer), border pixels unchanged."""
-    n, c, h, w = images.shape
-    kernel = torch.ones(3, 3, device=images.device)
-    kernel[1, 1] = 5
-    sums = F.conv2d(images.float().view(n * c, 1, h, w), kernel.view(1, 1, 3, 3)).view(n, c, h - 2, w - 2)
+    x = images.short()
+    h, w = x.shape[-2:]
+    sums = 4 * x[..., 1:-1, 1:-1]
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            sums = sums + x[..., dy:h - 2 + dy, dx:w - 2 + dx]
     out = images.clone()
-    out[:, :, 1:-1, 1:-1] = torch.div(2 * sums + 13, 26, rounding_mode="floor").to(torch.uint8)
+    out[..., 1:-1, 1:-1] = ((2 * sums.int() + 13) // 26).to(torch.uint8)
     return out
 
 
@@ -243,43 +244,63 @@ def _pil_matrix(fn: str, arg: float, w: int, h: int) -> tuple:
             "translate_x_abs": (1, 0, arg, 0, 1, 0), "translate_y_abs": (1, 0, 0, 0, 1, arg)}[fn]
 
 
+def _cubic_ints(v1, v2, v3, v4, d):
+    """PIL's transform bicubic (a = -1) over integer pixel values `[3, N]`: the polynomial's
+    coefficients are exact integers whatever the order (int16); Horner's rule in float64, in place
+    (`d * (...)` + `p` is PIL's `p + d * (...)`: both operations are commutative in IEEE)."""
+    p2, p3, p4 = v3 - v1, 2 * (v1 - v2) + v3 - v4, v2 - v1 + v4 - v3
+    return p4.double().mul_(d).add_(p3).mul_(d).add_(p2).mul_(d).add_(v2)
+
+
 def _cubic(v1, v2, v3, v4, d):
-    """PIL's transform bicubic (a = -1), Horner form, in its order of operations."""
-    p2 = -v1 + v3
-    p3 = 2 * (v1 - v2) + v3 - v4
-    p4 = -v1 + v2 - v3 + v4
-    return v2 + d * (p2 + d * (p3 + d * p4))
+    """The same over float64 values (the vertical pass), each coefficient in PIL's order."""
+    p2 = v3 - v1
+    p3 = (v1 - v2).mul_(2).add_(v3).sub_(v4)
+    p4 = (v2 - v1).sub_(v3).add_(v4)
+    return p4.mul_(d).add_(p3).mul_(d).add_(p2).mul_(d).add_(v2)
 
 
 def _linear(v1, v2, d):
-    return v1 + (v2 - v1) * d
+    return (v2 - v1).mul_(d).add_(v1)
+
+
+# On the CPU a temporary above 32 MiB is fresh pages from the OS every time (glibc mmaps it), which
+# costs more than the arithmetic on it; the warp takes this many samples at a time there.
+_CPU_CHUNK = 4
 
 
 def _warp(images: torch.Tensor, matrices: torch.Tensor, fill: torch.Tensor, mode: str) -> torch.Tensor:
-    """uint8 `[n, 3, H, W]`, float64 `[n, 6]` matrices -> uint8 `[n, 3, H, W]`: each output pixel
-    centre mapped to the input, sampled there with the taps clamped to the image, `fill` where the
-    point falls outside the image; float64 throughout as PIL."""
+    """uint8 `[n, 3, H, W]`, float64 `[n, 6]` matrices, uint8 `[n, 3]` fill -> uint8 `[n, 3, H, W]`:
+    each output pixel centre mapped to the input, sampled there with the taps clamped to the image,
+    `fill` where the point falls outside the image; float64 as PIL."""
+    if images.device.type == "cpu" and images.shape[0] > _CPU_CHUNK:
+        return torch.cat([_warp(images[i:i + _CPU_CHUNK], matrices[i:i + _CPU_CHUNK], fill[i:i + _CPU_CHUNK], mode)
+                          for i in range(0, images.shape[0], _CPU_CHUNK)])
     n, c, h, w = images.shape
     dev = images.device
     px = (torch.arange(w, device=dev, dtype=torch.float64) + 0.5).view(1, 1, w)
     py = (torch.arange(h, device=dev, dtype=torch.float64) + 0.5).view(1, h, 1)
     m = matrices.view(n, 6, 1, 1)
-    xin = m[:, 0] * px + m[:, 1] * py + m[:, 2]
-    yin = m[:, 3] * px + m[:, 4] * py + m[:, 5]
+    xin = (m[:, 0] * px + m[:, 1] * py + m[:, 2]).flatten()
+    yin = (m[:, 3] * px + m[:, 4] * py + m[:, 5]).flatten()
     inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
     xs, ys = xin - 0.5, yin - 0.5
     x0, y0 = xs.floor(), ys.floor()
-    dx, dy = (xs - x0).unsqueeze(1), (ys - y0).unsqueeze(1)
+    dx, dy = xs - x0, ys - y0
     taps = (-1, 0, 1, 2) if mode == "bicubic" else (0, 1)
+    # Planes `[3, n * H * W]`: one index per tap serves the three channels.
+    planes = images.permute(1, 0, 2, 3).reshape(c, n * h * w)
+    first = torch.arange(n, device=dev).repeat_interleave(h * w) * (h * w)  # each sample's first pixel
     cols = [(x0 + t).clamp(0, w - 1).long() for t in taps]
-    flat = images.reshape(n, c, h * w)
 
     def row(t):
-        base = (y0 + t).clamp(0, h - 1).long() * w
-        values = [flat.gather(2, (base + col).view(n, 1, -1).expand(n, c, -1)).view(n, c, h, w).double()
-                  for col in cols]
-        return _cubic(*values, dx) if mode == "bicubic" else _linear(*values, dx)
+        base = first + (y0 + t).clamp(0, h - 1).long() * w
+        values = [planes.index_select(1, base + col) for col in cols]
+        if mode == "bicubic":
+            return _cubic_ints(*(v.short() for v in values), dx)
+        return _linear(*(v.double() for v in values), dx)
 
     rows = [row(t) for t in taps]
     sampled = _cubic(*rows, dy) if mode == "bicubic" else _linear(*rows, dy)
-    return torch.where(inside.unsqueeze(1), _floor_u8(sampled), fill)
+    out = torch.where(inside, _floor_u8(sampled), fill.t().repeat_interleave(h * w, dim=1))
+    return out.view(c, n, h, w).permute(1, 0, 2, 3).contiguous()
