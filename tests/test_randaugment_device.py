@@ -60,9 +60,17 @@ def seed_with_sign(negative: bool) -> int:
     raise AssertionError("no seed of either sign in 100")
 
 
-@pytest.mark.parametrize("index", range(len(OPS)), ids=OPS)
-def test_each_op_matches_timms_pil_op_at_several_magnitudes(index):
-    op = RA.ops[index]
+# Every op of the recipe, and the affine ops again with bilinear interpolation (`interpolation:
+# bilinear` in the config), which timm passes to its warps instead of bicubic.
+BILINEAR = timm_randaugment(dataclasses.replace(RECIPE, interpolation="bilinear"), 224)
+CASES = [(RA, i) for i in range(len(OPS))] + [(BILINEAR, i) for i, n in enumerate(OPS)
+                                             if n.startswith(("Rotate", "Shear", "Translate"))]
+
+
+@pytest.mark.parametrize("ra,index", CASES, ids=[OPS[i] + ("" if ra is RA else "-bilinear") for ra, i in CASES])
+def test_each_op_matches_timms_pil_op_at_several_magnitudes(ra, index):
+    op = ra.ops[index]
+    device_ra = DeviceRandAugment(ra)
     images = photos()
     batch = as_batch(images)
     max_diff, max_share = BOUND[op.name]
@@ -71,9 +79,9 @@ def test_each_op_matches_timms_pil_op_at_several_magnitudes(index):
             random.seed(seed_with_sign(negative))
             args = op.level_fn(magnitude, op.hparams) if op.level_fn is not None else ()
             theirs = as_batch([op.aug_fn(img, *args, **op.kwargs) for img in images])
-            draws = torch.full((len(images), RA.num_layers, 2), -1.0, dtype=torch.float64)
+            draws = torch.full((len(images), ra.num_layers, 2), -1.0, dtype=torch.float64)
             draws[:, 0] = torch.tensor([index, args[0] if args else 0.0], dtype=torch.float64)
-            ours = DEVICE_RA(batch, draws)
+            ours = device_ra(batch, draws)
             diff = (ours.int() - theirs.int()).abs()
             where = f"{op.name} at magnitude {magnitude}, argument {args}"
             assert diff.float().mean() <= 1, where

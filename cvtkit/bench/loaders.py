@@ -1,7 +1,7 @@
 """Loader speed on the same photo-like images, side by side in one run, against ImageFolder.
 
     python -m cvtkit.bench.loaders --images 1500 --workers 2 --size 224 --repeats 3 [--profile]
-        [--device-batch 256 --device-size 224]
+        [--device-batch 256 --device-size 224] [--device-only]
 
 Rows (uint8 out everywhere: random erasing and normalisation run on the device, as in timm's
 prefetcher and in cvtkit's trainer):
@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from cvtkit.prep.pipeline import PrepOptions, run
-from cvtkit.data.transforms import AugmentConfig, min_decode_side, train_decoder, train_transform
+from cvtkit.data.randaugment_device import DeviceRandAugment, RandAugmentDraws
+from cvtkit.data.transforms import AugmentConfig, min_decode_side, timm_randaugment, train_decoder, train_transform
 from cvtkit.data.wds_loader import WdsLoader
 from cvtkit.shards import ShardSet
 
@@ -162,8 +163,6 @@ def device_randaugment(batch: int, size: int, repeats: int, device: torch.device
     """Milliseconds per batch of the device half of `randaugment_on: device` (`DeviceRandAugment`:
     timm's RandAugment from the workers' draws) on `batch` photo-like crops at `size`, each with
     its own draws; the first call warms up and is not counted."""
-    from cvtkit.data.randaugment_device import DeviceRandAugment, RandAugmentDraws
-    from cvtkit.data.transforms import timm_randaugment
     ra = timm_randaugment(AugmentConfig(randaugment_on="device"), size)
     rng = np.random.default_rng(0)
     distinct = [torch.from_numpy(np.array(photo(rng, (size, size)))).permute(2, 0, 1) for _ in range(16)]
@@ -250,11 +249,17 @@ def print_profile(shards: ShardSet, size: int, rows: dict, workers: int, limit: 
                   ("crop + resize (torch bicubic AA)", lambda d: jpeg.resized_crop(d[0], crop["box"], d[1], size)),
                   ("flip + RandAugment (timm)", lambda a: rand_aug(flip(Image.fromarray(a)))),
                   ("to uint8 tensor", lambda img: torch.from_numpy(np.array(img)).permute(2, 0, 1))]
+    draws = RandAugmentDraws(timm_randaugment(AugmentConfig(randaugment_on="device"), size))
+    device_path = bytes_path[:3] + [
+        ("flip + RandAugment's draws (timm's, recorded)", lambda a: (np.ascontiguousarray(a[:, ::-1]), draws())),
+        ("to uint8 tensor", lambda d: torch.from_numpy(d[0]).permute(2, 0, 1))]
     print(f"\nper-image profile, one process, {len(images)} images (ms per image, mean)")
-    for title, steps in (("ImageFolder/timm path", pil_path), ("WdsLoader bytes path", bytes_path)):
+    for title, steps in (("ImageFolder/timm path", pil_path), ("WdsLoader bytes path", bytes_path),
+                         ("WdsLoader bytes path, RandAugment on device (CPU side)", device_path)):
         got = _stages(steps, images)
         print(f"  {title}: " + ", ".join(f"{k} {v:.2f}" for k, v in got.items()) + f"; total {sum(got.values()):.2f}")
-    for name in ("ImageFolder + timm DeiT", "WdsLoader DeiT (from JPEG bytes)"):
+    for name in ("ImageFolder + timm DeiT", "WdsLoader DeiT (from JPEG bytes)",
+                 "WdsLoader DeiT, RandAugment on device"):
         loader = rows[name][1]()
         own = resource.getrusage(resource.RUSAGE_SELF)
         count, wall, cpu = _epoch(lambda: loader)
@@ -273,10 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device-batch", type=int, default=256, help="batch of the device-half row")
     p.add_argument("--device-size", type=int, default=224, help="image size of the device-half row")
+    p.add_argument("--device-only", action="store_true", help="only the device-half row (quick, on a GPU)")
     p.add_argument("--no-ffcv", action="store_true", help="leave the ffcv row out")
     p.add_argument("--profile", action="store_true", help="also print the per-stage breakdown")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.device_only:
+        print_device_row(args.device_batch, args.device_size, args.repeats)
+        return
     work = Path(tempfile.mkdtemp(prefix="cvtkit-bench-loaders-"))
     try:
         src = make_photos(work / "src", args.images)
