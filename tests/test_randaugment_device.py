@@ -41,8 +41,9 @@ BOUND = {name: (FLOAT if name.startswith(("Color", "Sharpness", "Rotate", "Shear
 MAGNITUDES = (0.5, 3.0, 6.5, 9.0, 10.0)
 
 
-def photos(size=(80, 60)) -> list[Image.Image]:
-    """scikit-learn's two photographs, resized small (not square: width and height must not swap)."""
+def photos(size=(120, 90)) -> list[Image.Image]:
+    """scikit-learn's two photographs, resized small for speed (not square: width and height must
+    not swap)."""
     from sklearn.datasets import load_sample_image
     return [Image.fromarray(load_sample_image(n)).resize(size, Image.BICUBIC) for n in ("china.jpg", "flower.jpg")]
 
@@ -87,6 +88,36 @@ def test_each_op_matches_timms_pil_op_at_several_magnitudes(ra, index):
             assert diff.float().mean() <= 1, where
             assert diff.max() <= max_diff and (diff > 0).float().mean() <= max_share, where
     assert not torch.equal(ours, batch) or op.name == "AutoContrast"  # it did something
+
+
+def apply_alone(op_name: str, images: torch.Tensor, arg: float = 0.0) -> torch.Tensor:
+    """The device's op `op_name` on every image of the batch, as the first layer's draw."""
+    draws = torch.full((len(images), RA.num_layers, 2), -1.0, dtype=torch.float64)
+    draws[:, 0] = torch.tensor([OPS.index(op_name), arg], dtype=torch.float64)
+    return DEVICE_RA(images, draws)
+
+
+def test_autocontrast_and_equalize_match_pil_on_every_level_range():
+    """The tables from per-sample histograms, beyond two photographs: autocontrast for every
+    (darkest, brightest) pair of levels with every level between present; equalize on 1,000
+    random few-level images (one level, a zero step, and every size of the last level's count)."""
+    pairs = [(lo, hi) for lo in range(256) for hi in range(lo + 1, 256)] + [(7, 7)]
+    pairs += [pairs[0]] * (-len(pairs) % 3)
+    ramps = np.stack([np.linspace(lo, hi, 256).round() for lo, hi in pairs]).astype(np.uint8)
+    ramps = torch.from_numpy(ramps).view(-1, 3, 1, 256)  # three pairs an image, one a channel
+    check_against_pil("AutoContrast", ramps)
+    rng = np.random.default_rng(0)
+    few = []
+    for _ in range(1000):
+        levels = rng.choice(256, size=rng.integers(1, 9), replace=False)
+        few.append(rng.choice(levels, size=(3, 64, 64), p=rng.dirichlet(np.ones(len(levels)) * 0.3)))
+    check_against_pil("Equalize", torch.from_numpy(np.stack(few).astype(np.uint8)))
+
+
+def check_against_pil(op_name: str, images: torch.Tensor) -> None:
+    op = RA.ops[OPS.index(op_name)]
+    theirs = as_batch([op.aug_fn(Image.fromarray(i.permute(1, 2, 0).numpy()), **op.kwargs) for i in images])
+    assert torch.equal(apply_alone(op_name, images), theirs)
 
 
 def test_a_batch_of_mixed_draws_equals_timms_randaugment_per_sample():

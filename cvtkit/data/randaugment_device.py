@@ -125,14 +125,13 @@ def _autocontrast_luts(hist: torch.Tensor, levels: torch.Tensor) -> torch.Tensor
 
 def _equalize_luts(hist: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """`ImageOps.equalize`: integer steps of the cumulative histogram, as ImageOps computes them
-    (the last occupied level's count left out, the step floored); a channel with one level, or a
-    zero step, is left alone. PIL clips table entries above 255."""
-    occupied = (hist > 0).sum(-1, keepdim=True)
+    (the last occupied level's count left out, the step floored); a zero step (which a channel of
+    one level also has) leaves the channel alone. PIL clips table entries above 255."""
     last = 255 - (hist > 0).flip(-1).long().argmax(-1, keepdim=True)
     step = (hist.sum(-1, keepdim=True) - hist.gather(-1, last)) // 255
     before = hist.cumsum(-1) - hist  # pixels below each level
     lut = ((step // 2 + before) // step.clamp(min=1)).clamp(max=255)
-    return torch.where((occupied > 1) & (step > 0), lut, levels)
+    return torch.where(step > 0, lut, levels)
 
 
 class DeviceRandAugment:
