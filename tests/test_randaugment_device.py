@@ -308,8 +308,8 @@ def test_training_reaches_the_same_accuracy_with_randaugment_on_the_device(tmp_p
                      f"data.augment.randaugment_on={where}"]
         codes, out = train(tmp_path / name, str(shards), overrides, nproc=1, config=config, timeout=900)
         assert codes == [0], out
-        top1 = [m["val/top1"] for m in metrics(tmp_path / name / "run") if "val/top1" in m][-1]
-        runs[name] = (train_losses(tmp_path / name / "run"), top1)
+        last = [m["val/top1"] for m in metrics(tmp_path / name / "run") if "val/top1" in m][-1]
+        runs[name] = (train_losses(tmp_path / name / "run"), last)
     top1 = {name: run[1] for name, run in runs.items()}
     assert runs["device0"][0] == runs["cpu0"][0] and len(runs["cpu0"][0]) >= 60, top1
     assert runs["cpu0"][0] != runs["cpu1"][0]
