@@ -87,7 +87,6 @@ def test_each_op_matches_timms_pil_op_at_several_magnitudes(ra, index):
             where = f"{op.name} at magnitude {magnitude}, argument {args}"
             assert diff.float().mean() <= 1, where
             assert diff.max() <= max_diff and (diff > 0).float().mean() <= max_share, where
-    assert not torch.equal(ours, batch) or op.name == "AutoContrast"  # it did something
 
 
 def apply_alone(op_name: str, images: torch.Tensor, arg: float = 0.0) -> torch.Tensor:
@@ -121,9 +120,9 @@ def check_against_pil(op_name: str, images: torch.Tensor) -> None:
 
 
 def test_a_batch_of_mixed_draws_equals_timms_randaugment_per_sample():
-    """32 crops of the photographs, each with its own seed: the draws are exactly timm's for that
-    seed, and the device's batch (ops grouped across samples, two layers) equals timm's
-    RandAugment applied to each image alone."""
+    """32 crops of the photographs, each with its own seed: the device's batch (ops grouped
+    across samples, two layers) equals timm's RandAugment applied to each image alone under the
+    same seed, so the draws are timm's own for that seed."""
     crops = [img.crop((x, y, x + 48, y + 40)) for img in photos((120, 90)) for x, y in
              [(5 * k, 3 * k) for k in range(16)]]
     draw = RandAugmentDraws(RA)
