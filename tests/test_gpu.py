@@ -6,8 +6,10 @@ so they never count as CPU coverage, and `make gpu-check` fails any of them that
 """
 import json
 import os
+import random
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,6 +100,36 @@ def test_normalise_erase_and_mixup_run_on_the_device():
     assert x.device.type == "cuda" and y.device.type == "cuda" and y.shape == (8, 4)
     assert torch.allclose(y.float().sum(dim=1), torch.ones(8, device="cuda"), atol=1e-3)
     assert not torch.allclose(x.float(), plain(images, labels)[0].float().contiguous())
+
+
+def test_randaugment_on_cuda_gives_the_cpus_pixels():
+    """`randaugment_on: device` on CUDA: the same pixels as on the CPU (where they are PIL's to the
+    bit, tests/test_randaugment_device.py), 64 crops of the photographs at 224 with their own draws,
+    every op drawn; then through DeviceBatch in bf16."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    from cvtkit.data.randaugment_device import DeviceRandAugment, RandAugmentDraws, RandAugmented
+    from cvtkit.data.transforms import timm_randaugment
+    augment = AugmentConfig(randaugment_on="device")
+    ra = timm_randaugment(augment, 224)
+    photos = [np.asarray(Image.fromarray(load_sample_image(n)).resize((320, 240), Image.BICUBIC))
+              for n in ("china.jpg", "flower.jpg")]
+    images = torch.stack([torch.from_numpy(photos[i % 2][i % 16:i % 16 + 224, i % 96:i % 96 + 224].copy())
+                          .permute(2, 0, 1) for i in range(64)])
+    draw, draws = RandAugmentDraws(ra), []
+    for i in range(64):
+        random.seed(i)
+        np.random.seed(i)
+        draws.append(draw())
+    draws = torch.stack(draws)
+    assert len(set(draws[:, :, 0].flatten().long().tolist()) - {-1}) == len(ra.ops)
+    apply = DeviceRandAugment(ra)
+    on_cuda = apply(images.cuda(), draws)
+    assert on_cuda.device.type == "cuda" and torch.equal(on_cuda.cpu(), apply(images, draws))
+    x, _ = DeviceBatch(augment, 4, torch.device("cuda"), torch.bfloat16, channels_last=True)(
+        RandAugmented(images.pin_memory(), draws), torch.arange(64) % 4)
+    assert x.shape == (64, 3, 224, 224) and x.dtype == torch.bfloat16 and x.device.type == "cuda"
 
 
 @pytest.mark.slow

@@ -167,12 +167,14 @@ def test_reduced_size_decoding_keeps_what_the_transform_needs():
 @pytest.mark.slow
 def test_loader_benchmark_prints_its_table(capsys):
     from cvtkit.bench.loaders import main as bench_main
-    bench_main(["--images", "32", "--repeats", "1", "--workers", "1", "--size", "32", "--batch-size", "8"])
+    bench_main(["--images", "32", "--repeats", "1", "--workers", "1", "--size", "32", "--batch-size", "8",
+                "--device-batch", "8", "--device-size", "32"])
     out = capsys.readouterr().out
     for row in ("ImageFolder + timm DeiT", "ImageFolder + timm RRC + flip", "WdsLoader DeiT (from JPEG bytes)",
-                "FfcvLoader RRC + flip", "DaliLoader DeiT (CPU operators)"):
+                "WdsLoader DeiT, RandAugment on device", "FfcvLoader RRC + flip", "DaliLoader DeiT (CPU operators)"):
         assert f"| {row}" in out, row
     assert "per core" in out and "x ImageFolder" in out
+    assert "| WdsLoader DeiT, RandAugment on device | 8 | 32 | CPU" in out  # the device half's row
 
 
 def test_shards_over_http(shards):

@@ -1,6 +1,7 @@
 """Loader speed on the same photo-like images, side by side in one run, against ImageFolder.
 
     python -m cvtkit.bench.loaders --images 1500 --workers 2 --size 224 --repeats 3 [--profile]
+    python -m cvtkit.bench.loaders ... [--device-batch 256 --device-size 224] [--device-only]
     python -m cvtkit.bench.loaders --shards /data/in22k-hub --split train_12k --batches 50
 
 With `--shards`, the shard loaders read that folder (cvtkit's or the hub's layout) for `--batches`
@@ -12,6 +13,9 @@ prefetcher and in cvtkit's trainer):
 - ImageFolder + timm's DeiT transform (RRC, flip, RandAugment), and + RRC + flip only;
 - WdsLoader with the DeiT recipe from JPEG bytes (`transforms.train_decoder`), and with the
   PIL transform (the path before it);
+- WdsLoader with `randaugment_on: device`: the CPU side only (decode, crop, flip, RandAugment's
+  draws); the device side is measured apart, in milliseconds per batch (`--device-batch`,
+  `--device-size`), on the GPU where there is one, else on the CPU;
 - FfcvLoader (RRC + flip: all ffcv offers of the recipe);
 - DaliLoader on DALI's CPU operators (crop-decode, resize, flip, DALI's RandAugment), and with
   "mixed" decoding on a GPU.
@@ -49,7 +53,8 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from cvtkit.prep.pipeline import PrepOptions, run
-from cvtkit.data.transforms import AugmentConfig, min_decode_side, train_decoder, train_transform
+from cvtkit.data.randaugment_device import DeviceRandAugment, RandAugmentDraws
+from cvtkit.data.transforms import AugmentConfig, min_decode_side, timm_randaugment, train_decoder, train_transform
 from cvtkit.data.wds_loader import WdsLoader
 from cvtkit.shards import ShardFolderError, ShardSet
 
@@ -134,10 +139,12 @@ def loaders(work: Path, src: Path, size: int, batch: int, workers: int) -> dict:
 
 
 def wds_rows(shards: ShardSet, size: int, batch: int, workers: int) -> dict:
-    aug = AugmentConfig()
+    aug, on_device = AugmentConfig(), AugmentConfig(randaugment_on="device")
     return {
         "WdsLoader DeiT (from JPEG bytes)": (DEIT, lambda: WdsLoader(
             shards, batch, workers=workers, transform=train_decoder(aug, size), shuffle_buffer=500)),
+        "WdsLoader DeiT, RandAugment on device": (DEIT, lambda: WdsLoader(
+            shards, batch, workers=workers, transform=train_decoder(on_device, size), shuffle_buffer=500)),
         "WdsLoader DeiT (PIL transform)": (DEIT, lambda: WdsLoader(
             shards, batch, workers=workers, transform=train_transform(aug, size, normalize=False),
             shuffle_buffer=500, decode_min_side=min_decode_side(size, aug))),
@@ -188,14 +195,49 @@ def measure(rows: dict, repeats: int, batches: int | None = None) -> list[tuple[
 def print_table(results, title: str, size: int, batch: int, workers: int, repeats: int, unit: str = "epochs") -> None:
     base = {recipe: core for name, recipe, _, core in results if name.startswith("ImageFolder")}
     print(f"{title} -> {size}px uint8, batch {batch}, {workers} workers, medians of {repeats} {unit}")
-    print(f"| {'loader':<34} | {'recipe':<10} | {'images/s':>8} | {'per core':>8} | {'x ImageFolder':>13} |")
-    print(f"|{'-' * 36}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 15}|")
+    print(f"| {'loader':<37} | {'recipe':<10} | {'images/s':>8} | {'per core':>8} | {'x ImageFolder':>13} |")
+    print(f"|{'-' * 39}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 15}|")
     for name, recipe, rate, core in results:
         if rate is None:  # never a measurement
-            print(f"| {name:<34} | {recipe:<10} | not installed here (not measured) | | |")
+            print(f"| {name:<37} | {recipe:<10} | not installed here (not measured) | | |")
             continue
         ratio = f"{core / base[recipe]:.2f}" if recipe in base else "-"
-        print(f"| {name:<34} | {recipe:<10} | {rate:>8.0f} | {core:>8.0f} | {ratio:>13} |")
+        print(f"| {name:<37} | {recipe:<10} | {rate:>8.0f} | {core:>8.0f} | {ratio:>13} |")
+
+
+def device_randaugment(batch: int, size: int, repeats: int, device: torch.device) -> list[float]:
+    """Milliseconds per batch of the device half of `randaugment_on: device` (`DeviceRandAugment`:
+    timm's RandAugment from the workers' draws) on `batch` photo-like crops at `size`, each with
+    its own draws; the first call warms up and is not counted."""
+    ra = timm_randaugment(AugmentConfig(randaugment_on="device"), size)
+    rng = np.random.default_rng(0)
+    distinct = [torch.from_numpy(np.array(photo(rng, (size, size)))).permute(2, 0, 1) for _ in range(16)]
+    images = torch.stack([distinct[i % len(distinct)] for i in range(batch)]).to(device)
+    draw, draws = RandAugmentDraws(ra), []
+    for i in range(batch):
+        random.seed(i)
+        np.random.seed(i)
+        draws.append(draw())
+    apply, draws = DeviceRandAugment(ra), torch.stack(draws)
+    times = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        apply(images, draws)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    return times[1:]
+
+
+def print_device_row(batch: int, size: int, repeats: int) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ms = statistics.median(device_randaugment(batch, size, repeats, device))
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    print("\n| device half of `randaugment_on: device` | batch | size | device | ms per batch | ms per image |")
+    print("|---|---|---|---|---|---|")
+    print(f"| WdsLoader DeiT, RandAugment on device | {batch} | {size} | {where} | {ms:.1f} | {ms / batch:.3f} |")
 
 
 def _samples(shards: ShardSet, limit: int) -> list[bytes]:
@@ -253,11 +295,17 @@ def print_profile(shards: ShardSet, size: int, rows: dict, workers: int, limit: 
                   ("crop + resize (torch bicubic AA)", lambda d: jpeg.resized_crop(d[0], crop["box"], d[1], size)),
                   ("flip + RandAugment (timm)", lambda a: rand_aug(flip(Image.fromarray(a)))),
                   ("to uint8 tensor", lambda img: torch.from_numpy(np.array(img)).permute(2, 0, 1))]
+    draws = RandAugmentDraws(timm_randaugment(AugmentConfig(randaugment_on="device"), size))
+    device_path = bytes_path[:3] + [
+        ("flip + RandAugment's draws (timm's, recorded)", lambda a: (np.ascontiguousarray(a[:, ::-1]), draws())),
+        ("to uint8 tensor", lambda d: torch.from_numpy(d[0]).permute(2, 0, 1))]
     print(f"\nper-image profile, one process, {len(images)} images (ms per image, mean)")
-    for title, steps in (("ImageFolder/timm path", pil_path), ("WdsLoader bytes path", bytes_path)):
+    for title, steps in (("ImageFolder/timm path", pil_path), ("WdsLoader bytes path", bytes_path),
+                         ("WdsLoader bytes path, RandAugment on device (CPU side)", device_path)):
         got = _stages(steps, images)
         print(f"  {title}: " + ", ".join(f"{k} {v:.2f}" for k, v in got.items()) + f"; total {sum(got.values()):.2f}")
-    for name in ("ImageFolder + timm DeiT", "WdsLoader DeiT (from JPEG bytes)"):
+    for name in ("ImageFolder + timm DeiT", "WdsLoader DeiT (from JPEG bytes)",
+                 "WdsLoader DeiT, RandAugment on device"):
         loader = rows[name][1]()
         own = resource.getrusage(resource.RUSAGE_SELF)
         count, wall, cpu = _epoch(lambda: loader)
@@ -274,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device-batch", type=int, default=256, help="batch of the device-half row")
+    p.add_argument("--device-size", type=int, default=224, help="image size of the device-half row")
+    p.add_argument("--device-only", action="store_true", help="only the device-half row (quick, on a GPU)")
     p.add_argument("--no-ffcv", action="store_true", help="leave the ffcv row out")
     p.add_argument("--profile", action="store_true", help="also print the per-stage breakdown")
     p.add_argument("--shards", help="measure the shard loaders on this folder (cvtkit's or the hub's layout)")
@@ -281,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=20, help="with --shards: batches per repeat")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.device_only:
+        print_device_row(args.device_batch, args.device_size, args.repeats)
+        return
     if args.shards:
         shards = ShardSet.from_info(args.shards, args.split)
         rows = {**wds_rows(shards, args.size, args.batch_size, args.workers),
@@ -300,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = loaders(work, src, args.size, args.batch_size, args.workers)
         title = f"{args.images} photo-like 500x375 JPEGs (~100 KiB, q90)"
         print_table(measure(rows, args.repeats), title, args.size, args.batch_size, args.workers, args.repeats)
+        print_device_row(args.device_batch, args.device_size, args.repeats)
         if args.profile:
             print_profile(ShardSet.from_info(str(work / "wds"), "train"), args.size, rows, args.workers)
     finally:

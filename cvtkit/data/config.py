@@ -42,6 +42,9 @@ class DataConfig:
         require(self.batch_size > 0, "batch_size", "a positive global batch", self.batch_size)
         require(self.eval_batch > 0, "eval_batch", "a positive batch", self.eval_batch)
         require(self.workers >= 0, "workers", ">= 0", self.workers)
+        # Only the webdataset loader's decoder hands RandAugment's draws over to the device.
+        require(self.format == "wds" or self.augment.randaugment_on == "cpu", "format",
+                "wds with augment.randaugment_on: device", self.format)
 
     @property
     def eval_size(self) -> int:

@@ -9,7 +9,8 @@ to a PIL image, from the JPEG bytes:
    N/8 scales are plain C and measured slower than a full decode);
 3. crop and resize to the output size with PyTorch's antialiased bicubic on uint8 (the kernel of
    PIL's bicubic; within 1 grey level of PIL, about 4x faster);
-4. flip, then timm's own RandAugment (or colour jitter) on a PIL image of the output size.
+4. flip, then timm's own RandAugment (or colour jitter) on a PIL image of the output size, or,
+   with `randaugment_on: device`, only RandAugment's draws, which travel with the image.
 Anything libjpeg-turbo cannot read (PNG, CMYK) goes through PIL instead; what PIL cannot read
 either raises, and the loader skips and counts it.
 """
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from .randaugment_device import RandAugmented
 
 DCT_REDUCTIONS = (8, 4, 2, 1)  # libjpeg-turbo's fast (SIMD) scaled IDCTs, largest reduction first
 
@@ -110,10 +113,13 @@ class DeitCropDecoder:
     flip, RandAugment) without random erasing and normalisation, which run on the device."""
     takes_bytes = True  # the loader calls `decode` on the sample's bytes, then the decoder on that
 
-    def __init__(self, scale, ratio, hflip: float, interpolation: str, size: int, colour=None):
-        """`colour`: the PIL transform after the flip (timm's RandAugment), or None."""
+    def __init__(self, scale, ratio, hflip: float, interpolation: str, size: int, colour=None, draws=None):
+        """`colour`: the PIL transform after the flip (timm's RandAugment), or None. `draws`
+        (`randaugment_device.RandAugmentDraws`) instead: the image stops after the flip and comes
+        with RandAugment's draws for the device, as a `RandAugmented` pair."""
+        assert colour is None or draws is None, "RandAugment on the CPU or on the device, not both"
         self.crop = RandomResizedCropParams(tuple(scale), tuple(ratio))
-        self.hflip, self.mode, self.size, self.colour = hflip, interpolation, size, colour
+        self.hflip, self.mode, self.size, self.colour, self.draws = hflip, interpolation, size, colour, draws
 
     def decode(self, data: bytes) -> tuple[np.ndarray, tuple[int, int, int, int], int]:
         """Draw the crop from the header, decode what it needs: (pixels, crop box, reduction)."""
@@ -121,15 +127,19 @@ class DeitCropDecoder:
         pixels, reduction = decode_rgb(data, dct_reduction(box[3], box[2], self.size))
         return pixels, box, reduction
 
-    def __call__(self, decoded: tuple[np.ndarray, tuple[int, int, int, int], int]) -> torch.Tensor:
+    def __call__(self, decoded: tuple[np.ndarray, tuple[int, int, int, int], int]):
         out = resized_crop(*decoded, self.size, self.mode)
         flip = random.random() < self.hflip
-        if self.colour is None:
-            return torch.from_numpy(np.ascontiguousarray(out[:, ::-1]) if flip else out).permute(2, 0, 1)
-        img = Image.fromarray(out)
-        if flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.array(self.colour(img))).permute(2, 0, 1)
+        if self.colour is not None:
+            img = Image.fromarray(out)
+            if flip:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return torch.from_numpy(np.array(self.colour(img))).permute(2, 0, 1)
+        image = torch.from_numpy(np.ascontiguousarray(out[:, ::-1]) if flip else out).permute(2, 0, 1)
+        if self.draws is None:
+            return image
+        # Drawn right after the flip, where timm's RandAugment would draw on the CPU.
+        return RandAugmented(image, self.draws())
 
     def from_bytes(self, data: bytes) -> torch.Tensor:
         return self(self.decode(data))

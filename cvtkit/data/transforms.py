@@ -8,7 +8,9 @@
   crop ratio 0.875, or a square warp with no crop (CvT at 384).
 
 `train_decoder` is the same DeiT transform from JPEG bytes (`cvtkit.data.jpeg_crop`), which the shard
-loaders use: the crop is drawn before decoding, so the decode can be reduced to what it needs.
+loaders use: the crop is drawn before decoding, so the decode can be reduced to what it needs. With
+`randaugment_on: device` it stops after the flip and hands over RandAugment's draws instead
+(`cvtkit.data.randaugment_device`); the trainer's `DeviceBatch` applies them.
 """
 from __future__ import annotations
 
@@ -46,6 +48,9 @@ class AugmentConfig:
     mixup_switch_prob: float = 0.5
     mixup_mode: Literal["batch", "pair", "elem"] = "batch"
     label_smoothing: float = 0.1
+    # Where timm's RandAugment runs: in the loader's workers on PIL images, or on the batch's device
+    # from draws the workers make (the same draws, the same pixels: cvtkit/data/randaugment_device.py).
+    randaugment_on: Literal["cpu", "device"] = "cpu"
 
     def __post_init__(self):
         require(0 < self.scale[0] <= self.scale[1] <= 1, "scale", "0 < min <= max <= 1", self.scale)
@@ -55,6 +60,15 @@ class AugmentConfig:
         require(0 <= self.label_smoothing < 1, "label_smoothing", "a value in [0, 1)", self.label_smoothing)
         require(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha",
                 "non-negative mixup and cutmix alphas", (self.mixup_alpha, self.cutmix_alpha))
+        if self.randaugment_on == "device":
+            require(self.kind == "deit" and str(self.auto_augment).startswith("rand"), "randaugment_on",
+                    "cpu unless kind is deit with a rand-... auto_augment", self.randaugment_on)
+            from timm.data.auto_augment import rand_augment_transform
+
+            from .randaugment_device import unsupported_ops
+            bad = unsupported_ops(rand_augment_transform(self.auto_augment, {}))
+            require(not bad, "auto_augment", f"no op the device lacks with randaugment_on: device ({bad})",
+                    self.auto_augment)
 
 
 def train_transform(cfg: AugmentConfig, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -82,17 +96,34 @@ def train_decoder(cfg: AugmentConfig, size: int):
     `train_transform`)."""
     if cfg.kind != "deit":
         return None
-    from timm.data import create_transform
-
     from .jpeg_crop import DeitCropDecoder
-    # timm builds the part after the flip (RandAugment, or colour jitter without it) exactly as
-    # in `train_transform`; the crop and flip it builds are replaced by the decoder's own.
+    if cfg.randaugment_on == "device":
+        from .randaugment_device import RandAugmentDraws
+        return DeitCropDecoder(cfg.scale, cfg.ratio, cfg.hflip, cfg.interpolation, size,
+                               draws=RandAugmentDraws(timm_randaugment(cfg, size)))
+    colour = _after_flip(cfg, size)
+    return DeitCropDecoder(cfg.scale, cfg.ratio, cfg.hflip, cfg.interpolation, size,
+                           colour if colour.transforms else None)
+
+
+def _after_flip(cfg: AugmentConfig, size: int):
+    """The part of timm's DeiT transform after the flip (RandAugment, or colour jitter without it),
+    built by timm exactly as in `train_transform`; the crop and flip it builds are not used."""
+    from timm.data import create_transform
     _, colour, _ = create_transform(
         input_size=size, is_training=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
         color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment,
         interpolation=cfg.interpolation, use_prefetcher=True, separate=True)
-    return DeitCropDecoder(cfg.scale, cfg.ratio, cfg.hflip, cfg.interpolation, size,
-                           colour if colour.transforms else None)
+    return colour
+
+
+def timm_randaugment(cfg: AugmentConfig, size: int):
+    """timm's RandAugment object of the recipe at `size` (its ops, probabilities, magnitude, fill
+    and interpolation), which both halves of `randaugment_on: device` read."""
+    from timm.data.auto_augment import RandAugment
+    (ra,) = _after_flip(cfg, size).transforms
+    assert isinstance(ra, RandAugment), ra
+    return ra
 
 
 def eval_transform(cfg: EvalConfig, normalize: bool = True):

@@ -178,7 +178,9 @@ def _sample_seed(name: str | None) -> int | None:
 def _collate(batch):
     # default_collate stacks into shared memory inside a worker: the batch crosses to the
     # trainer's process without the extra copy that pickling a plain tensor makes.
-    tensors = isinstance(batch[0][0], torch.Tensor)
+    # A tuple is an image with its RandAugment draws (`randaugment_device.RandAugmented`):
+    # default_collate stacks each field.
+    tensors = isinstance(batch[0][0], (torch.Tensor, tuple))
     images = default_collate([b[0] for b in batch]) if tensors else [b[0] for b in batch]
     labels = torch.tensor([b[1] for b in batch])
     return (images, labels, [b[2] for b in batch]) if len(batch[0]) == 3 else (images, labels)
