@@ -22,7 +22,8 @@ from timm.data.auto_augment import _LEVEL_DENOM
 from cvtkit.config_loader import ConfigError, load_config
 from cvtkit.data.randaugment_device import DeviceRandAugment, RandAugmentDraws, RandAugmented
 from cvtkit.data.transforms import AugmentConfig, timm_randaugment
-from cvtkit.data.wds_loader import _seed_sample
+from cvtkit.data.wds_loader import _sample_seed
+from cvtkit.rng import seed_host
 from cvtkit.train.run_config import RunConfig
 from helpers import TINY_CONFIG
 
@@ -128,9 +129,9 @@ def test_a_batch_of_mixed_draws_equals_timms_randaugment_per_sample():
     draw = RandAugmentDraws(RA)
     draws, theirs = [], []
     for i, img in enumerate(crops):
-        _seed_sample(f"3:0:1:{i}")
+        seed_host(_sample_seed(f"3:0:1:{i}"))
         draws.append(draw())
-        _seed_sample(f"3:0:1:{i}")
+        seed_host(_sample_seed(f"3:0:1:{i}"))
         theirs.append(RA(img))
     draws = torch.stack(draws)
     applied = draws[:, :, 0]
@@ -177,7 +178,7 @@ def our_sampling(ra, n: int, seed: int) -> list[list[tuple[int, float]]]:
     """The device path's draws for `n` samples, each seeded as the loader seeds it."""
     draw, out = RandAugmentDraws(ra), []
     for i in range(n):
-        _seed_sample(f"{seed}:0:{i % 8}:{i}")
+        seed_host(_sample_seed(f"{seed}:0:{i % 8}:{i}"))
         out.append([(int(o), a) for o, a in draw().tolist() if o >= 0])
     return out
 
