@@ -18,7 +18,7 @@ def test_a_loader_whose_package_is_missing_is_a_row_that_says_so(tmp_path, monke
     results = bench.measure(chosen, repeats=1)
     assert [(name, rate is None) for name, _, rate, _ in results] == [
         ("ImageFolder + timm DeiT", False), (wds, False), (missing[1], True), (missing[2], True)]
-    bench.print_table(results, images=64, size=32, batch=4, workers=0, repeats=1)
+    bench.print_table(results, "64 images", size=32, batch=4, workers=0, repeats=1)
     table = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
     assert "not installed here (not measured)" in table[missing[1]] and "not installed here" in table[missing[2]]
     assert "not installed" not in table[wds] and table[wds].split("|")[3].strip().isdigit()

@@ -20,7 +20,9 @@ def test_no_device_reads_from_cvtkit_between_log_steps(tmp_path):
     out = tmp_path / "reads.json"
     # 16 steps (64 samples / global batch 16, 4 epochs); micro batch 4 x 2 ranks: accumulation 2;
     # logs at steps 4, 8, 12, 16: three windows of four steps each; no save before the end.
+    # The agreement's reads (checkpoint.signal_check_steps) fall on the log steps here.
     overrides = ["engine.micro_batch=4", "log.every_steps=4", "checkpoint.every_steps=0", "ema.decay=0.9",
+                 "checkpoint.signal_check_steps=4",
                  "data.workers=1", "data.augment={kind: deit, re_prob: 0.25, mixup_alpha: 0.8, cutmix_alpha: 1.0}"]
     codes, text = train(tmp_path, shards, overrides, script="tests/fault_train.py",
                         env={"CVTKIT_COUNT_HOST_READS": str(out)})

@@ -114,9 +114,15 @@ class CheckpointConfig:
     # A resume on another number of ranks converts the checkpoint first (cvtkit.train.reshard);
     # the ranks other than 0 wait this long for it. Convert ahead for checkpoints that take longer.
     convert_timeout_s: int = 3600
+    # How often the ranks read what they agreed on (a stop signal, a run of non-finite losses)
+    # besides log and save steps: a read waits for the device, so not every step; a signal takes
+    # effect within this many steps (a W24 step at 32 GPUs: about 1-2 s, estimated), well inside
+    # Slurm's `--signal=USR1@300` and a 30 s preemption grace time.
+    signal_check_steps: int = 10
 
     def __post_init__(self):
         require(self.every_steps >= 0, "every_steps", ">= 0", self.every_steps)
+        require(self.signal_check_steps >= 1, "signal_check_steps", ">= 1", self.signal_check_steps)
         require(self.keep >= 1, "keep", ">= 1", self.keep)
         require(self.stop_at_step >= 0, "stop_at_step", ">= 0 (0: run to the end)", self.stop_at_step)
         require(self.convert_timeout_s > 0, "convert_timeout_s", "a positive number of seconds", self.convert_timeout_s)

@@ -312,9 +312,12 @@ class Trainer:
         return data_wait
 
     def _decides(self) -> bool:
-        """Whether the host acts after this step besides logging (a save, `checkpoint.stop_at_step`),
-        and so reads the ranks' agreement; a stop signal also waits for such a step or a log step."""
-        return self.step == self.cfg.checkpoint.stop_at_step or self._should_save(False)
+        """Whether the host reads the ranks' agreement after this step besides logging: a save,
+        `checkpoint.stop_at_step`, and every `checkpoint.signal_check_steps` (a stop signal or a
+        run of non-finite losses acts at the next such step, on every rank alike)."""
+        ckpt = self.cfg.checkpoint
+        return (self.step == ckpt.stop_at_step or self.step % ckpt.signal_check_steps == 0
+                or self._should_save(False))
 
     def _check_health(self, report: StepReport, lr: float) -> None:
         """Damaged data is reported and training goes on; a run of non-finite losses stops it."""
