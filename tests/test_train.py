@@ -1,6 +1,7 @@
 """The training engine for real: DeepSpeed ZeRO 1-3 over two gloo processes on CPU, tiny CvT/CeiT,
 tiny learnable shards; exact resume, signals, elastic resume, loud failures."""
 import math
+import os
 import subprocess
 import sys
 
@@ -14,10 +15,11 @@ from cvtkit.train.run_config import RunConfig
 from cvtkit.train.schedule import Schedule
 from cvtkit.train.trainer import EXIT_REQUEUE
 
+from cvtkit.dist import free_port
 from cvtkit.models.factory import build_model
 
 from helpers import (REPO, TINY_CONFIG, assert_same_model, dump_loaded, make_tiny_shards, metrics, signal_when_step,
-                     spawn, train, train_losses, wait)
+                     spawn, train, train_argv, train_losses, wait)
 
 
 @pytest.fixture(scope="module")
@@ -215,17 +217,60 @@ def test_two_rank_checkpoint_resumes_on_one_rank(shards, tmp_path):
     assert not (tmp_path / "tiny_cpu/checkpoints" / (tag_for(4) + "_universal")).exists()
 
 
-@pytest.mark.slow
-def test_resume_with_a_contradicting_config_fails(shards, tmp_path):
-    codes, out = train(tmp_path, shards, ["checkpoint.stop_at_step=2"], nproc=1)
+@pytest.fixture(scope="module")
+def saved_run(shards, tmp_path_factory):
+    """A one-rank run of the tiny config stopped (and saved) at step 2; its folder's parent."""
+    root = tmp_path_factory.mktemp("saved")
+    codes, out = train(root, shards, ["checkpoint.stop_at_step=2"], nproc=1)
     assert codes == [EXIT_REQUEUE], out
-    codes, out = train(tmp_path, shards, ["data.batch_size=32", "model.drop_path_rate=0.1"], nproc=1)
-    assert codes == [2], out
-    assert "contradicts the config (global_batch: checkpoint 16, config 32)" in out
-    # the same number of classes, but other synsets: the head's rows would mean other things
+    return root
+
+
+def start_without_peers(argv: list[str]) -> tuple[int, str]:
+    """Rank 0 of a two-rank job whose rank 1 never starts: it can only end (rather than wait for
+    rank 1 in the process group's rendezvous, until `engine.dist_timeout_s`) when it ends before
+    any process group exists."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    proc = subprocess.Popen([sys.executable, str(REPO / "pretrain/train.py"), *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    codes, out = wait([proc])
+    return codes[0], out
+
+
+def _tiny_cvt(dims=(16, 32, 64), heads=(1, 2, 2), depths=(1, 1, 2)) -> str:
+    """The tiny config's `model.options` as meta.json and the error message spell them."""
+    return str({"dims": list(dims), "heads": list(heads), "depths": list(depths)})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,differs", [
+    (["data.batch_size=32", "model.drop_path_rate=0.1"], "global_batch: checkpoint 16, config 32"),
+    (["model.name=cvt_21"], "model: checkpoint 'cvt_13', config 'cvt_21'"),
+    (["model.options.dims=[16,32,48]"], f"architecture: checkpoint {_tiny_cvt()}, config {_tiny_cvt(dims=(16, 32, 48))}"),
+    (["model.options.depths=[1,1,3]"], f"architecture: checkpoint {_tiny_cvt()}, config {_tiny_cvt(depths=(1, 1, 3))}"),
+    (["model.options.heads=[1,2,4]"], f"architecture: checkpoint {_tiny_cvt()}, config {_tiny_cvt(heads=(1, 2, 4))}"),
+    (["engine.zero_stage=3"], "zero_stage: checkpoint 2, config 3"),
+    (["engine.precision=fp32"], "precision: checkpoint 'bf16', config 'fp32'"),
+], ids=["global_batch", "model", "dims", "depths", "heads", "zero_stage", "precision"])
+def test_resume_with_a_contradicting_config_fails(shards, saved_run, overrides, differs):
+    """One line naming the checkpoint and what differs (only that: drop path may change), exit 2,
+    before any process group starts: never DeepSpeed's "size mismatch" traceback."""
+    code, out = start_without_peers(train_argv(saved_run, shards, [*overrides, "engine.dist_timeout_s=30"]))
+    assert code == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    folder = saved_run / "tiny_cpu/checkpoints" / tag_for(2)
+    assert len(errors) == 1 and errors[0].startswith(f"error: {folder} contradicts the config ({differs}); "), out
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.slow
+def test_resume_with_other_classes_fails(saved_run, tmp_path):
+    """The same number of classes, but other synsets: the head's rows would mean other things."""
     others = make_tiny_shards(tmp_path / "others", synsets=["n01530575", "n01531178", "n01532829", "n01534433"])
-    codes, out = train(tmp_path, others, [], nproc=1)
-    assert codes == [2], out
+    code, out = start_without_peers(train_argv(saved_run, others, ["engine.dist_timeout_s=30"]))
+    assert code == 2, out
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "contradicts the config (classes_sha: checkpoint" in errors[0], out
 
