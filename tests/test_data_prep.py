@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -159,32 +158,32 @@ def test_class_subset(tmp_path):
 
 
 def test_kill_and_rerun_gives_identical_output(tmp_path):
+    """kill -9 of every process of the job (tests/fault_prep.py kills its process group from
+    inside, so the kill lands while it runs) three times: inside a shard's tar write, and between
+    a shard's rename and its manifest entry; the rerun completes it byte-identical to a clean run."""
     import random
     src = fake.make_folder22k(tmp_path / "src", per_class=30)
     args = ["--source", str(src), "--shard-samples", "2", "--quiet"]
     subprocess.run(MAKE_SHARDS + args + ["--workers", "1", "--out", str(tmp_path / "clean")], check=True)
+    clean = json.loads((tmp_path / "clean" / INFO_FILE).read_text())
+    names = [name for split in clean["splits"].values() for name in split["filenames"]]
     args += ["--workers", "2"]  # the output does not depend on the workers either
     out = tmp_path / "killed"
     rng = random.Random(0)
-    for _ in range(3):  # killed (the whole process group) three times at random points, then completed
-        proc = subprocess.Popen(MAKE_SHARDS + args + ["--out", str(out)], start_new_session=True)
-        deadline = time.time() + 120
-        done = len(list((out / MANIFEST_DIR).glob("*.json"))) if (out / MANIFEST_DIR).exists() else 0
-        target, extra = done + rng.randint(1, 6), rng.uniform(0, 0.05)
-        while time.time() < deadline and proc.poll() is None:
-            if (out / MANIFEST_DIR).exists() and len(list((out / MANIFEST_DIR).glob("*.json"))) >= target:
-                break
-            time.sleep(0.01)
-        time.sleep(extra)  # somewhere inside the next shard
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    for moment in ("writing", "recording", "writing"):
+        unfinished = [n for n in names if not (out / MANIFEST_DIR / f"{n}.json").exists()]
+        shard = rng.choice(unfinished[:6])
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_prep.py"), *args, "--out", str(out)],
+                                start_new_session=True, env={**os.environ, "CVTKIT_KILL_PREP": f"{shard}:{moment}"})
+        assert proc.wait() == -signal.SIGKILL
         assert not (out / INFO_FILE).exists()  # written last
-    # A shard renamed but not yet recorded is redone: simulate by dropping one manifest entry.
-    entries = sorted((out / MANIFEST_DIR).glob("*.json"))
-    entries[0].unlink()
+        if moment == "writing":  # killed inside the shard's write: its temporary tar is left
+            assert list(out.glob(f".{shard}.tmp*")) and not (out / MANIFEST_DIR / f"{shard}.json").exists()
+        else:  # renamed into place, not recorded: the rerun must redo it
+            assert (out / shard).exists() and not (out / MANIFEST_DIR / f"{shard}.json").exists()
     subprocess.run(MAKE_SHARDS + args + ["--out", str(out)], check=True)
     assert shard_bytes(out) == shard_bytes(tmp_path / "clean")
-    assert json.loads((out / INFO_FILE).read_text()) == json.loads((tmp_path / "clean" / INFO_FILE).read_text())
+    assert json.loads((out / INFO_FILE).read_text()) == clean
     assert not [p for p in out.rglob(".*tmp*")]
 
 
