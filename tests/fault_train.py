@@ -11,6 +11,9 @@ training code is the real one; only the moments chosen below are intercepted.
                                          and exit
     CVTKIT_PLANT_NAN=STEP                make rank 0's first fp32 master element NaN just before
                                          the save of step STEP (as a diverging update would)
+    CVTKIT_NONFINITE_AT=STEPS            rank 0's loss is multiplied by NaN in the optimizer steps
+                                         STEPS (comma-separated, the first step is 1): their
+                                         gradients are not finite, on every rank once reduced
     CVTKIT_DUMP_BUFFERS=PATH             after training, each rank writes its module's buffers to
                                          PATH.rankR
 """
@@ -93,6 +96,20 @@ def plant_nan(step: int) -> None:
     Trainer._save = save
 
 
+def nonfinite_at(steps: set[int]) -> None:
+    from cvtkit.train import trainer
+    real_step, real_loss = trainer.Trainer._train_step, trainer.classification_loss
+
+    def _train_step(self, batches, stop):
+        if self.step + 1 in steps and self.rank == 0:
+            trainer.classification_loss = lambda *args: real_loss(*args) * float("nan")
+        try:
+            return real_step(self, batches, stop)
+        finally:
+            trainer.classification_loss = real_loss
+    trainer.Trainer._train_step = _train_step
+
+
 def dump_buffers(out: str) -> None:
     from cvtkit.train.trainer import Trainer
     real_train = Trainer.train
@@ -109,6 +126,8 @@ if __name__ == "__main__":
         kill_at_save(os.environ["CVTKIT_KILL_AT_SAVE"])
     if os.environ.get("CVTKIT_PLANT_NAN"):
         plant_nan(int(os.environ["CVTKIT_PLANT_NAN"]))
+    if os.environ.get("CVTKIT_NONFINITE_AT"):
+        nonfinite_at({int(s) for s in os.environ["CVTKIT_NONFINITE_AT"].split(",")})
     if os.environ.get("CVTKIT_DUMP_BUFFERS"):
         dump_buffers(os.environ["CVTKIT_DUMP_BUFFERS"])
     if os.environ.get("CVTKIT_DUMP_LOADED"):

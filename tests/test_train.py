@@ -288,6 +288,49 @@ def test_diverging_run_stops_without_saving_bad_weights(shards, tmp_path):
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+NONFINITE = ["checkpoint.every_steps=1", "checkpoint.keep=8", "schedule.epochs=2", "engine.max_nonfinite=2",
+             "log.every_steps=1", "engine.dist_timeout_s=60"]
+
+
+def parameter_names(shards: str) -> set[str]:
+    cfg = load_config(RunConfig, TINY_CONFIG, [f"data.train={shards}"])
+    return {name for name, _ in build_model(cfg.model).named_parameters()}
+
+
+@pytest.mark.slow
+def test_an_update_with_a_non_finite_gradient_is_skipped(shards, tmp_path):
+    """Rank 0's gradient is NaN in steps 3 and 5 (tests/fault_train.py), never twice in a row
+    with engine.max_nonfinite=2: those updates leave the fp32 masters as they were on every
+    rank, the others move them, and the run finishes."""
+    codes, out = train(tmp_path, shards, NONFINITE, script="tests/fault_train.py",
+                       env={"CVTKIT_NONFINITE_AT": "3,5"})
+    assert codes == [0, 0], out
+    assert "finished 8 steps" in out and "not finite" not in out, out
+    ckpt = tmp_path / "tiny_cpu/checkpoints"
+    states = {s: consolidated_state_dict(ckpt / tag_for(s)) for s in range(2, 7)}
+    for name in parameter_names(shards):
+        assert torch.equal(states[3][name], states[2][name]), name  # skipped
+        assert torch.equal(states[5][name], states[4][name]), name  # skipped
+    for before, after in ((3, 4), (5, 6)):  # trained on
+        assert any(not torch.equal(states[before][n], states[after][n]) for n in parameter_names(shards))
+    flagged = {m["step"]: m["train/nonfinite"] for m in metrics(tmp_path / "tiny_cpu") if "train/nonfinite" in m}
+    assert flagged == {1: 0, 2: 0, 3: 1, 4: 0, 5: 1, 6: 0, 7: 0, 8: 0}
+
+
+@pytest.mark.slow
+def test_max_nonfinite_in_a_row_stop_the_run(shards, tmp_path):
+    """Rank 0's gradient is NaN in steps 3 and 4, engine.max_nonfinite=2 in a row: the run stops
+    at step 4 with one line, exit 1, before saving it; the checkpoint of step 3 stays."""
+    codes, out = train(tmp_path, shards, NONFINITE, script="tests/fault_train.py",
+                       env={"CVTKIT_NONFINITE_AT": "3,4"})
+    assert codes == [1, 1], out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    assert errors[0].startswith("error: the loss was not finite for 2 consecutive steps (last at step 4, lr "), out
+    assert "the last checkpoint (step 3) is intact" in errors[0], out
+    assert complete_tags(tmp_path / "tiny_cpu/checkpoints")[-1] == tag_for(3)
+
+
 def test_entry_point_help_runs():
     out = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), "--help"], capture_output=True,
                          text=True, timeout=60)
