@@ -14,6 +14,8 @@ training code is the real one; only the moments chosen below are intercepted.
     CVTKIT_NONFINITE_AT=STEPS            rank 0's loss is multiplied by NaN in the optimizer steps
                                          STEPS (comma-separated, the first step is 1): their
                                          gradients are not finite, on every rank once reduced
+    CVTKIT_SIGNAL_AT=STEP                each rank sends itself SIGUSR1 (Slurm's warning before the
+                                         time limit) as soon as its step STEP is done
     CVTKIT_DUMP_BUFFERS=PATH             after training, each rank writes its module's buffers to
                                          PATH.rankR
 """
@@ -110,6 +112,18 @@ def nonfinite_at(steps: set[int]) -> None:
     trainer.Trainer._train_step = _train_step
 
 
+def signal_at(step: int) -> None:
+    from cvtkit.train.trainer import Trainer
+    real_step = Trainer._train_step
+
+    def _train_step(self, batches, stop):
+        result = real_step(self, batches, stop)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+    Trainer._train_step = _train_step
+
+
 def dump_buffers(out: str) -> None:
     from cvtkit.train.trainer import Trainer
     real_train = Trainer.train
@@ -128,6 +142,8 @@ if __name__ == "__main__":
         plant_nan(int(os.environ["CVTKIT_PLANT_NAN"]))
     if os.environ.get("CVTKIT_NONFINITE_AT"):
         nonfinite_at({int(s) for s in os.environ["CVTKIT_NONFINITE_AT"].split(",")})
+    if os.environ.get("CVTKIT_SIGNAL_AT"):
+        signal_at(int(os.environ["CVTKIT_SIGNAL_AT"]))
     if os.environ.get("CVTKIT_DUMP_BUFFERS"):
         dump_buffers(os.environ["CVTKIT_DUMP_BUFFERS"])
     if os.environ.get("CVTKIT_DUMP_LOADED"):

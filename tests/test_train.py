@@ -18,8 +18,8 @@ from cvtkit.train.trainer import EXIT_REQUEUE
 from cvtkit.dist import free_port
 from cvtkit.models.factory import build_model
 
-from helpers import (REPO, TINY_CONFIG, assert_same_model, dump_loaded, make_tiny_shards, metrics, signal_when_step,
-                     spawn, train, train_argv, train_losses, wait)
+from helpers import (REPO, TINY_CONFIG, assert_same_model, dump_loaded, make_tiny_shards, metrics, train,
+                     train_argv, train_losses, wait)
 
 
 @pytest.fixture(scope="module")
@@ -184,20 +184,18 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
 
 @pytest.mark.slow
 def test_sigusr1_saves_at_a_step_boundary_and_exits_for_requeue(shards, tmp_path):
-    argv = ["--config", str(TINY_CONFIG), "--set", f"data.train={shards}", f"data.val={shards}",
-            f"out_dir={tmp_path}", "checkpoint.every_steps=0", "log.every_steps=1", "schedule.epochs=50"]
-    procs = spawn(2, argv)
-    signal_when_step(procs, tmp_path / "tiny_cpu", 3)
-    codes, out = wait(procs)
+    """SIGUSR1 reaches every rank right after step 3 (tests/fault_train.py): the ranks agree on it
+    in step 4's all-reduce, save step 4 and only it, and exit 75, though the schedule has 200
+    steps; the requeued run resumes from step 4."""
+    overrides = ["checkpoint.every_steps=0", "log.every_steps=1", "schedule.epochs=50"]
+    codes, out = train(tmp_path, shards, overrides, script="tests/fault_train.py", env={"CVTKIT_SIGNAL_AT": "3"})
     assert codes == [EXIT_REQUEUE] * 2, out
-    assert "stopped by signal" in out
-    tags = complete_tags(tmp_path / "tiny_cpu/checkpoints")
-    assert len(tags) == 1
-    saved = int(tags[0].removeprefix("step"))
-    assert saved >= 3 and saved < 200
-    codes, out = train(tmp_path, shards, ["checkpoint.every_steps=0", "schedule.epochs=50",
-                                          "checkpoint.stop_at_step=" + str(saved + 2)])
-    assert codes == [EXIT_REQUEUE] * 2 and f"at step {saved}" in out, out
+    assert "stopped by signal at step 4/200" in out
+    assert complete_tags(tmp_path / "tiny_cpu/checkpoints") == [tag_for(4)]
+    assert max(train_losses(tmp_path / "tiny_cpu")) == 4
+    codes, out = train(tmp_path, shards, [*overrides, "checkpoint.stop_at_step=6"])
+    assert codes == [EXIT_REQUEUE] * 2 and "at step 4" in out, out
+    assert sorted(train_losses(tmp_path / "tiny_cpu")) == list(range(1, 7))
 
 
 @pytest.mark.slow
