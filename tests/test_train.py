@@ -133,10 +133,9 @@ def test_two_ranks_train_under_each_zero_stage(shards, tmp_path, stage):
     assert all(math.isfinite(v) for v in losses.values())
     assert latest_complete(run / "checkpoints") == tag_for(8)
     assert (run / "tensorboard").is_dir() and (run / "config.yaml").is_file()
-    if stage == 2:  # the toy task is learnt
-        assert losses[8] < 0.7 * losses[2], losses
-        val = [m for m in metrics(run) if "val/top1" in m][-1]
-        assert val["val/top1"] >= 75 and val["val/count"] == 16
+    assert losses[8] < 0.7 * losses[2], losses  # the toy task is learnt under every stage
+    val = [m for m in metrics(run) if "val/top1" in m][-1]
+    assert val["val/top1"] >= 75 and val["val/count"] == 16
     # round trip: the model loaded back under the same stage is the consolidated file, and not
     # the initial model
     saved = consolidated_state_dict(run / "checkpoints" / tag_for(8))
