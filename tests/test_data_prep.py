@@ -238,11 +238,32 @@ def test_verify_shards_finds_damage(tmp_path):
 
 
 def test_resize_mode_records_original_size(tmp_path):
+    """shorter:24 shrinks every image whose shorter side is longer (aspect kept, to a pixel) and
+    records the source's size in the sample's json; the others are kept as they are, with no
+    original size recorded."""
+    import io
+    import tarfile
     src = fake.make_imagenet1k(tmp_path / "in1k")
     run(opts(source=str(src), out=str(tmp_path / "out"), resize="shorter:24", quality=80),
         progress=False)
-    for img, _ in read_samples(tmp_path / "out"):
-        assert min(img.size) <= 24
+    source_sizes = {p.name: Image.open(p).size for p in src.rglob("*.JPEG")}
+    shrunk = kept = 0
+    for shard in sorted((tmp_path / "out").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in (n for n in members if n.endswith(".json")):
+            record = json.loads(members[name])
+            size = Image.open(io.BytesIO(members[name.removesuffix(".json") + ".jpg"])).size
+            w, h = source_sizes[Path(record["filename"]).name]
+            assert (record["width"], record["height"]) == size, record
+            if min(w, h) > 24:
+                assert (record["orig_width"], record["orig_height"]) == (w, h), record
+                assert min(size) == 24 and abs(size[0] / size[1] - w / h) <= 1 / min(size), record
+                shrunk += 1
+            else:
+                assert "orig_width" not in record and "orig_height" not in record and size == (w, h), record
+                kept += 1
+    assert shrunk > 0 and kept > 0 and shrunk + kept == len(source_sizes)
 
 
 def test_make_ffcv_writes_betons_that_ffcv_reads(tmp_path):
