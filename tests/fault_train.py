@@ -14,6 +14,7 @@ training code is the real one; only the moments chosen below are intercepted.
     CVTKIT_NONFINITE_AT=STEPS            rank 0's loss is multiplied by NaN in the optimizer steps
                                          STEPS (comma-separated, the first step is 1): their
                                          gradients are not finite, on every rank once reduced
+    CVTKIT_KILL_AT_STEP=STEP:RANK        SIGKILL rank RANK as soon as its step STEP is done
     CVTKIT_SIGNAL_AT=STEP                each rank sends itself SIGUSR1 (Slurm's warning before the
                                          time limit) as soon as its step STEP is done
     CVTKIT_DUMP_BUFFERS=PATH             after training, each rank writes its module's buffers to
@@ -112,14 +113,15 @@ def nonfinite_at(steps: set[int]) -> None:
     trainer.Trainer._train_step = _train_step
 
 
-def signal_at(step: int) -> None:
+def after_step(step: int, sig: int, rank: int | None = None) -> None:
+    """Send `sig` to this process once its step `step` is done (on rank `rank` only, if given)."""
     from cvtkit.train.trainer import Trainer
     real_step = Trainer._train_step
 
     def _train_step(self, batches, stop):
         result = real_step(self, batches, stop)
-        if self.step == step:
-            os.kill(os.getpid(), signal.SIGUSR1)
+        if self.step == step and rank in (None, self.rank):
+            os.kill(os.getpid(), sig)
         return result
     Trainer._train_step = _train_step
 
@@ -142,8 +144,11 @@ if __name__ == "__main__":
         plant_nan(int(os.environ["CVTKIT_PLANT_NAN"]))
     if os.environ.get("CVTKIT_NONFINITE_AT"):
         nonfinite_at({int(s) for s in os.environ["CVTKIT_NONFINITE_AT"].split(",")})
+    if os.environ.get("CVTKIT_KILL_AT_STEP"):
+        kill_step, kill_rank = os.environ["CVTKIT_KILL_AT_STEP"].split(":")
+        after_step(int(kill_step), signal.SIGKILL, int(kill_rank))
     if os.environ.get("CVTKIT_SIGNAL_AT"):
-        signal_at(int(os.environ["CVTKIT_SIGNAL_AT"]))
+        after_step(int(os.environ["CVTKIT_SIGNAL_AT"]), signal.SIGUSR1)
     if os.environ.get("CVTKIT_DUMP_BUFFERS"):
         dump_buffers(os.environ["CVTKIT_DUMP_BUFFERS"])
     if os.environ.get("CVTKIT_DUMP_LOADED"):
