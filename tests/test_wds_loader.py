@@ -217,6 +217,36 @@ def test_damaged_shards_are_skipped_counted_and_batches_stay_full(tmp_path, work
     assert evaluation.damaged >= 2
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("fault", ["crop sampling", "DCT scale choice"])
+def test_a_bug_in_the_decoder_is_a_traceback_not_damage(tmp_path, monkeypatch, workers, fault):
+    """Only reading and decoding a sample's bytes counts as damage. A bug in the JPEG-bytes
+    decoder's own code (planted here in its crop sampling, or in its choice of DCT scale) ends the
+    iteration with its own exception and counts nothing; damaged bytes through the same decoder
+    are still skipped and counted, and the batches stay full."""
+    from cvtkit.data import jpeg_crop
+    from cvtkit.data.transforms import AugmentConfig, train_decoder
+
+    def planted_bug(*args):
+        raise ZeroDivisionError(f"planted bug in the {fault}")
+    folder = Path(make_shards(tmp_path, 7))
+    damage(sorted(folder.glob("*-train-*.tar"))[2], "corrupt_jpeg")  # a JPEG that does not decode
+    decoder = train_decoder(AugmentConfig(auto_augment=None), 32)
+    loader = WdsLoader(ShardSet.from_info(str(folder), "train"), 4, 0, 1, workers, transform=decoder)
+    batches = list(loader)
+    assert len(batches) == 10 and all(len(labels) == 4 for _, labels in batches)
+    assert loader.damaged == 1
+    with monkeypatch.context() as m:
+        if fault == "crop sampling":
+            m.setattr(jpeg_crop.RandomResizedCropParams, "sample", planted_bug)
+        else:
+            m.setattr(jpeg_crop, "dct_reduction", planted_bug)
+        broken = WdsLoader(ShardSet.from_info(str(folder), "train"), 4, 0, 1, workers, transform=decoder)
+        with pytest.raises(ZeroDivisionError, match=f"planted bug in the {fault}"):
+            next(iter(broken))
+    assert broken.damaged == 0
+
+
 def test_a_slot_with_nothing_readable_is_an_error_not_a_hang(tmp_path):
     from cvtkit.data.wds_loader import DamagedData
     folder = Path(make_shards(tmp_path, 7))

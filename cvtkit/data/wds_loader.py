@@ -15,7 +15,8 @@ Transforms: a PIL transform gets the decoded image; one marked `takes_bytes`
 (`transforms.train_decoder`) gets the JPEG bytes and decodes only what its crop needs. Workers
 collate into shared memory, so a batch reaches the trainer's process without another copy.
 Damage: a sample that does not decode, or a shard that cannot be read (truncated, corrupt), is
-skipped with a warning and counted (`WdsLoader.damaged`); training draws the next sample instead,
+skipped with a warning and counted (`WdsLoader.damaged`), and only that (an error in a transform's
+own code is a bug, with its traceback); training draws the next sample instead,
 so every rank still delivers its batches. Resume stays exact on undamaged data; after a skip the
 resumed epoch can be off by the samples skipped before the stop.
 """
@@ -68,6 +69,21 @@ def _decode(sample: dict, min_side: int = 0) -> tuple[Image.Image, int, str]:
 class DamagedData(CvtkitError, RuntimeError):
     """Every sample a slot could read is damaged: nothing to train on."""
     exit_code = 1
+
+
+class _Unreadable(Exception):
+    """Reading a sample's bytes failed; `__cause__` is what the library raised."""
+
+
+@contextlib.contextmanager
+def _reading_bytes():
+    """Around the calls that read a sample's bytes, and only those: what PIL, libjpeg-turbo or the
+    sample's fields raise there is damage (skipped and counted); an error anywhere else, such as
+    a transform's crop sampling, is a bug and keeps its traceback."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - PIL and libjpeg-turbo raise many kinds for damaged bytes
+        raise _Unreadable from e
 
 
 class _SlotStream(IterableDataset):
@@ -141,12 +157,12 @@ class _SlotStream(IterableDataset):
             with _sample_rng(f"{self.seed}:{self.epoch}:{slot}:{index}" if self.train else None, info is None):
                 try:
                     img, label, key = self._load(sample)
-                except Exception as e:  # noqa: BLE001 - PIL and libjpeg-turbo raise many kinds for damaged bytes
-                    self._count_damage(f"sample {sample.get('__key__')} of {sample.get('__url__')}", e)
+                except _Unreadable as e:
+                    self._count_damage(f"sample {sample.get('__key__')} of {sample.get('__url__')}", e.__cause__)
                     bad_in_a_row += 1
                     if bad_in_a_row > slot_samples:
                         raise DamagedData(f"every sample of {', '.join(self.shards.urls[i] for i in ids)} "
-                                          f"is damaged") from e
+                                          f"is damaged") from e.__cause__
                     continue
                 if self.transform is not None:
                     img = self.transform(img)
@@ -158,11 +174,14 @@ class _SlotStream(IterableDataset):
 
     def _load(self, sample: dict):
         """The sample's image as the transform takes it: decoded by PIL, or, for a transform of
-        JPEG bytes (`takes_bytes`), its crop drawn and decoded. The one step that reads the
-        sample's bytes, so the one whose errors count as damage."""
+        JPEG bytes (`takes_bytes`), its crop drawn and decoded. The step that reads the sample's
+        bytes; only that reading runs under `_reading_bytes`, whose errors count as damage."""
         if getattr(self.transform, "takes_bytes", False):
-            return self.transform.decode(sample["jpg"]), int(sample["cls"]), sample["__key__"]
-        return _decode(sample, self.decode_min_side)
+            with _reading_bytes():
+                data, label, key = sample["jpg"], int(sample["cls"]), sample["__key__"]
+            return self.transform.decode(data, _reading_bytes), label, key
+        with _reading_bytes():
+            return _decode(sample, self.decode_min_side)
 
 
 @contextlib.contextmanager
