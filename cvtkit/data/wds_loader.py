@@ -16,8 +16,8 @@ Transforms: a PIL transform gets the decoded image; one marked `takes_bytes`
 collate into shared memory, so a batch reaches the trainer's process without another copy.
 Damage: a sample that does not decode, or a shard that cannot be read (truncated, corrupt), is
 skipped with a warning and counted (`WdsLoader.damaged`), and only that (an error in a transform's
-own code is a bug, with its traceback); training draws the next sample instead,
-so every rank still delivers its batches. Resume stays exact on undamaged data; after a skip the
+own code is a bug, with its traceback); training draws the next sample instead, so every rank
+still delivers its batches. Resume stays exact on undamaged data; after a skip the
 resumed epoch can be off by the samples skipped before the stop.
 """
 from __future__ import annotations
@@ -53,17 +53,23 @@ def slot_plan(num_shards: int, slots: int, slot: int) -> tuple[list[int], int, i
     return [shard], sharing, slot // num_shards
 
 
-def _decode(sample: dict, min_side: int = 0) -> tuple[Image.Image, int, str]:
+def _decode(sample: dict, min_side: int = 0, reading=contextlib.nullcontext) -> tuple[Image.Image, int, str]:
     """JPEG bytes -> RGB image. With `min_side`, large JPEGs are decoded at a reduced DCT scale
     (1/2, 1/4, 1/8) that keeps the shorter side at least `min_side`: the transform that follows
-    never needs more pixels than that."""
-    img = Image.open(io.BytesIO(sample["jpg"]))
+    never needs more pixels than that. `reading()` is entered around what reads the sample."""
+    with reading():
+        img = Image.open(io.BytesIO(sample["jpg"]))
+        label, key = int(sample["cls"]), sample["__key__"]
+    draft = None
     if min_side and img.format == "JPEG":
         w, h = img.size
         short = min(w, h)
         if short >= 2 * min_side:
-            img.draft("RGB", (w * min_side // short + 1, h * min_side // short + 1))
-    return img.convert("RGB"), int(sample["cls"]), sample["__key__"]
+            draft = (w * min_side // short + 1, h * min_side // short + 1)
+    with reading():
+        if draft is not None:
+            img.draft("RGB", draft)
+        return img.convert("RGB"), label, key
 
 
 class DamagedData(CvtkitError, RuntimeError):
@@ -180,8 +186,7 @@ class _SlotStream(IterableDataset):
             with _reading_bytes():
                 data, label, key = sample["jpg"], int(sample["cls"]), sample["__key__"]
             return self.transform.decode(data, _reading_bytes), label, key
-        with _reading_bytes():
-            return _decode(sample, self.decode_min_side)
+        return _decode(sample, self.decode_min_side, _reading_bytes)
 
 
 @contextlib.contextmanager

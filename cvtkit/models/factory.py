@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 import inspect
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
