@@ -11,6 +11,12 @@ training code is the real one; only the moments chosen below are intercepted.
                                          and exit
     CVTKIT_PLANT_NAN=STEP                make rank 0's first fp32 master element NaN just before
                                          the save of step STEP (as a diverging update would)
+    CVTKIT_NONFINITE_AT=STEPS            rank 0's loss is multiplied by NaN in the optimizer steps
+                                         STEPS (comma-separated, the first step is 1): their
+                                         gradients are not finite, on every rank once reduced
+    CVTKIT_KILL_AT_STEP=STEP:RANK        SIGKILL rank RANK as soon as its step STEP is done
+    CVTKIT_SIGNAL_AT=STEP                each rank sends itself SIGUSR1 (Slurm's warning before the
+                                         time limit) as soon as its step STEP is done
     CVTKIT_DUMP_BUFFERS=PATH             after training, each rank writes its module's buffers to
                                          PATH.rankR
     CVTKIT_KILL_AT_STEP=STEP             SIGKILL this process (every rank) once optimizer step STEP
@@ -102,6 +108,33 @@ def plant_nan(step: int) -> None:
                 fragment.values.view(-1)[0] = float("nan")
         return real_save(self)
     Trainer._save = save
+
+
+def nonfinite_at(steps: set[int]) -> None:
+    from cvtkit.train import trainer
+    real_step, real_loss = trainer.Trainer._train_step, trainer.classification_loss
+
+    def _train_step(self, batches, stop):
+        if self.step + 1 in steps and self.rank == 0:
+            trainer.classification_loss = lambda *args: real_loss(*args) * float("nan")
+        try:
+            return real_step(self, batches, stop)
+        finally:
+            trainer.classification_loss = real_loss
+    trainer.Trainer._train_step = _train_step
+
+
+def after_step(step: int, sig: int, rank: int | None = None) -> None:
+    """Send `sig` to this process once its step `step` is done (on rank `rank` only, if given)."""
+    from cvtkit.train.trainer import Trainer
+    real_step = Trainer._train_step
+
+    def _train_step(self, batches, stop):
+        result = real_step(self, batches, stop)
+        if self.step == step and rank in (None, self.rank):
+            os.kill(os.getpid(), sig)
+        return result
+    Trainer._train_step = _train_step
 
 
 def dump_buffers(out: str) -> None:
@@ -206,6 +239,13 @@ if __name__ == "__main__":
         kill_at_save(os.environ["CVTKIT_KILL_AT_SAVE"])
     if os.environ.get("CVTKIT_PLANT_NAN"):
         plant_nan(int(os.environ["CVTKIT_PLANT_NAN"]))
+    if os.environ.get("CVTKIT_NONFINITE_AT"):
+        nonfinite_at({int(s) for s in os.environ["CVTKIT_NONFINITE_AT"].split(",")})
+    if os.environ.get("CVTKIT_KILL_AT_STEP"):
+        kill_step, kill_rank = os.environ["CVTKIT_KILL_AT_STEP"].split(":")
+        after_step(int(kill_step), signal.SIGKILL, int(kill_rank))
+    if os.environ.get("CVTKIT_SIGNAL_AT"):
+        after_step(int(os.environ["CVTKIT_SIGNAL_AT"]), signal.SIGUSR1)
     if os.environ.get("CVTKIT_DUMP_BUFFERS"):
         dump_buffers(os.environ["CVTKIT_DUMP_BUFFERS"])
     if os.environ.get("CVTKIT_DUMP_LOADED"):

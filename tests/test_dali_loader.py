@@ -21,7 +21,7 @@ from cvtkit.data.wds_loader import DamagedData
 
 import fake_imagenet as fake
 from fake_imagenet import damage
-from helpers import REPO, cannot_run, make_tiny_shards, metrics, train
+from helpers import REPO, cannot_run, make_tiny_shards, metrics, train, train_losses
 
 PLAIN = AugmentConfig(kind="none")  # a fast-building pipeline for the contract tests
 
@@ -173,13 +173,18 @@ def test_dali_crop_distribution_is_timms(seed=0):
 @pytest.mark.slow
 def test_train_cli_trains_with_dali_and_resumes(tmp_path):
     """`pretrain/train.py` on the tiny config with `data.format=dali` (one process, CPU): stopped
-    mid-run, its checkpoint (DALI's state inside) passes the pickle scan and the run resumes."""
+    at step 6, its checkpoint (DALI's state inside) passes the pickle scan, and the resumed run's
+    per-step losses are an uninterrupted run's (the same batches, to the bit)."""
     shards = make_tiny_shards(tmp_path)
-    overrides = ["data.format=dali", "checkpoint.stop_at_step=6"]
-    codes, out = train(tmp_path / "runs", shards, overrides, nproc=1)
-    assert codes == [75], out
-    codes, out = train(tmp_path / "runs", shards, ["data.format=dali"], nproc=1)
+    common = ["data.format=dali", "log.every_steps=1"]
+    codes, out = train(tmp_path / "a", shards, common, nproc=1)
     assert codes == [0], out
-    assert "resum" in out.lower() and "finished 16 steps" in out
-    records = metrics(tmp_path / "runs" / "tiny_cpu")
-    assert max(m["step"] for m in records) == 16 and any("val/top1" in m for m in records)
+    codes, out = train(tmp_path / "b", shards, [*common, "checkpoint.stop_at_step=6"], nproc=1)
+    assert codes == [75], out
+    codes, out = train(tmp_path / "b", shards, common, nproc=1)
+    assert codes == [0], out
+    ckpt = tmp_path / "b" / "tiny_cpu" / "checkpoints"
+    assert f"resumed from {ckpt / 'step00000006'} at step 6" in out and "finished 16 steps" in out
+    full, resumed = (train_losses(tmp_path / run / "tiny_cpu") for run in "ab")
+    assert sorted(resumed) == list(range(1, 17)) and resumed == full
+    assert any("val/top1" in m for m in metrics(tmp_path / "b" / "tiny_cpu"))

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -159,32 +158,32 @@ def test_class_subset(tmp_path):
 
 
 def test_kill_and_rerun_gives_identical_output(tmp_path):
+    """kill -9 of every process of the job (tests/fault_prep.py kills its process group from
+    inside, so the kill lands while it runs) three times: inside a shard's tar write, and between
+    a shard's rename and its manifest entry; the rerun completes it byte-identical to a clean run."""
     import random
     src = fake.make_folder22k(tmp_path / "src", per_class=30)
     args = ["--source", str(src), "--shard-samples", "2", "--quiet"]
     subprocess.run(MAKE_SHARDS + args + ["--workers", "1", "--out", str(tmp_path / "clean")], check=True)
+    clean = json.loads((tmp_path / "clean" / INFO_FILE).read_text())
+    names = [name for split in clean["splits"].values() for name in split["filenames"]]
     args += ["--workers", "2"]  # the output does not depend on the workers either
     out = tmp_path / "killed"
     rng = random.Random(0)
-    for _ in range(3):  # killed (the whole process group) three times at random points, then completed
-        proc = subprocess.Popen(MAKE_SHARDS + args + ["--out", str(out)], start_new_session=True)
-        deadline = time.time() + 120
-        done = len(list((out / MANIFEST_DIR).glob("*.json"))) if (out / MANIFEST_DIR).exists() else 0
-        target, extra = done + rng.randint(1, 6), rng.uniform(0, 0.05)
-        while time.time() < deadline and proc.poll() is None:
-            if (out / MANIFEST_DIR).exists() and len(list((out / MANIFEST_DIR).glob("*.json"))) >= target:
-                break
-            time.sleep(0.01)
-        time.sleep(extra)  # somewhere inside the next shard
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    for moment in ("writing", "recording", "writing"):
+        unfinished = [n for n in names if not (out / MANIFEST_DIR / f"{n}.json").exists()]
+        shard = rng.choice(unfinished[:6])
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_prep.py"), *args, "--out", str(out)],
+                                start_new_session=True, env={**os.environ, "CVTKIT_KILL_PREP": f"{shard}:{moment}"})
+        assert proc.wait() == -signal.SIGKILL
         assert not (out / INFO_FILE).exists()  # written last
-    # A shard renamed but not yet recorded is redone: simulate by dropping one manifest entry.
-    entries = sorted((out / MANIFEST_DIR).glob("*.json"))
-    entries[0].unlink()
+        if moment == "writing":  # killed inside the shard's write: its temporary tar is left
+            assert list(out.glob(f".{shard}.tmp*")) and not (out / MANIFEST_DIR / f"{shard}.json").exists()
+        else:  # renamed into place, not recorded: the rerun must redo it
+            assert (out / shard).exists() and not (out / MANIFEST_DIR / f"{shard}.json").exists()
     subprocess.run(MAKE_SHARDS + args + ["--out", str(out)], check=True)
     assert shard_bytes(out) == shard_bytes(tmp_path / "clean")
-    assert json.loads((out / INFO_FILE).read_text()) == json.loads((tmp_path / "clean" / INFO_FILE).read_text())
+    assert json.loads((out / INFO_FILE).read_text()) == clean
     assert not [p for p in out.rglob(".*tmp*")]
 
 
@@ -239,11 +238,32 @@ def test_verify_shards_finds_damage(tmp_path):
 
 
 def test_resize_mode_records_original_size(tmp_path):
+    """shorter:24 shrinks every image whose shorter side is longer (aspect kept, to a pixel) and
+    records the source's size in the sample's json; the others are kept as they are, with no
+    original size recorded."""
+    import io
+    import tarfile
     src = fake.make_imagenet1k(tmp_path / "in1k")
     run(opts(source=str(src), out=str(tmp_path / "out"), resize="shorter:24", quality=80),
         progress=False)
-    for img, _ in read_samples(tmp_path / "out"):
-        assert min(img.size) <= 24
+    source_sizes = {p.name: Image.open(p).size for p in src.rglob("*.JPEG")}
+    shrunk = kept = 0
+    for shard in sorted((tmp_path / "out").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in (n for n in members if n.endswith(".json")):
+            record = json.loads(members[name])
+            size = Image.open(io.BytesIO(members[name.removesuffix(".json") + ".jpg"])).size
+            w, h = source_sizes[Path(record["filename"]).name]
+            assert (record["width"], record["height"]) == size, record
+            if min(w, h) > 24:
+                assert (record["orig_width"], record["orig_height"]) == (w, h), record
+                assert min(size) == 24 and abs(size[0] / size[1] - w / h) <= 1 / min(size), record
+                shrunk += 1
+            else:
+                assert "orig_width" not in record and "orig_height" not in record and size == (w, h), record
+                kept += 1
+    assert shrunk > 0 and kept > 0 and shrunk + kept == len(source_sizes)
 
 
 def test_make_ffcv_writes_betons_that_ffcv_reads(tmp_path):

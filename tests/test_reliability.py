@@ -6,7 +6,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,21 +18,14 @@ from cvtkit.train.run_config import RunConfig
 from cvtkit.train.trainer import EXIT_REQUEUE
 
 from fake_imagenet import damage
-from helpers import (TINY_CONFIG, assert_same_model, cannot_run, dump_loaded, make_tiny_shards, metrics, spawn,
-                     train, train_argv, train_losses, wait)
+from helpers import (TINY_CONFIG, assert_same_model, cannot_run, dump_loaded, make_tiny_shards, metrics, train,
+                     train_losses)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """64 training samples / global batch 16 = 4 steps per epoch (make_tiny_shards)."""
     return make_tiny_shards(tmp_path_factory.mktemp("reliability"))
-
-
-def wait_for_step(run: Path, step: int, procs, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not any(m.get("step", 0) >= step for m in metrics(run)):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), f"step {step} not reached"
-        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------- kills
@@ -46,11 +38,10 @@ def test_kill_during_save_keeps_the_previous_checkpoint(shards, tmp_path, rank, 
     not delete it, and the rerun resumes from it and completes."""
     overrides = ["checkpoint.every_steps=2", "checkpoint.keep=1", "schedule.epochs=2",
                  "engine.dist_timeout_s=30", "log.every_steps=1"]
-    started = time.time()
     codes, out = train(tmp_path, shards, overrides, script="tests/fault_train.py",
                        env={"CVTKIT_KILL_AT_SAVE": f"4:{rank}:{name}"})
-    assert time.time() - started < 150, "the surviving rank hung"
-    assert codes[rank] == -signal.SIGKILL and codes[1 - rank] not in (0, EXIT_REQUEUE), out
+    # the other rank exited on its own, with an error (one that hangs fails `train`'s wait instead)
+    assert codes[rank] == -signal.SIGKILL and codes[1 - rank] > 0 and codes[1 - rank] != EXIT_REQUEUE, out
     ckpt = tmp_path / "tiny_cpu/checkpoints"
     assert (ckpt / "latest").read_text().strip() == tag_for(2)
     assert complete_tags(ckpt) == [tag_for(2)] and latest_complete(ckpt) == tag_for(2)
@@ -65,23 +56,19 @@ def test_kill_during_save_keeps_the_previous_checkpoint(shards, tmp_path, rank, 
 
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_others_and_the_job_resumes(shards, tmp_path):
-    """A rank dies mid-training (kill -9): the survivor exits within the collective timeout
-    instead of hanging, and the restarted job resumes from the last complete checkpoint."""
+    """A rank dies mid-training (kill -9 of rank 1 right after step 5, tests/fault_train.py): the
+    survivor ends by itself with an error instead of hanging, and the restarted job resumes from
+    the last complete checkpoint (step 4)."""
     run = tmp_path / "tiny_cpu"
     overrides = ["checkpoint.every_steps=2", "schedule.epochs=50", "engine.dist_timeout_s=20", "log.every_steps=1"]
-    procs = spawn(2, train_argv(tmp_path, shards, overrides))
-    wait_for_step(run, 5, procs)
-    procs[1].kill()
-    killed = time.time()
-    codes, out = wait(procs, timeout=120)
-    assert time.time() - killed < 60, "the surviving rank did not end in time"
-    assert codes[1] == -signal.SIGKILL and codes[0] not in (0, EXIT_REQUEUE), out
-    saved = int(latest_complete(run / "checkpoints").removeprefix("step"))
-    assert saved >= 4
+    codes, out = train(tmp_path, shards, overrides, script="tests/fault_train.py", env={"CVTKIT_KILL_AT_STEP": "5:1"})
+    assert codes[1] == -signal.SIGKILL and codes[0] > 0, out  # rank 0 exited on its own, with an error
+    assert latest_complete(run / "checkpoints") == tag_for(4)
 
-    codes, out = train(tmp_path, shards, overrides + [f"checkpoint.stop_at_step={saved + 2}"])
+    codes, out = train(tmp_path, shards, overrides + ["checkpoint.stop_at_step=6"])
     assert codes == [EXIT_REQUEUE] * 2, out
-    assert f"at step {saved}" in out and latest_complete(run / "checkpoints") == tag_for(saved + 2)
+    assert f"resumed from {run / 'checkpoints' / tag_for(4)} at step 4" in out
+    assert latest_complete(run / "checkpoints") == tag_for(6)
 
 
 # ---------------------------------------------------------------- disk full
@@ -160,7 +147,8 @@ def test_one_rank_checkpoint_resumes_on_two_ranks_with_the_same_model(shards, tm
 @pytest.mark.slow
 def test_gradient_clipping_clips_in_bf16(shards, tmp_path):
     """SGD without momentum at lr 1: each update is the clipped gradient, so the fp32 master
-    weights move by exactly `grad_clip` in norm while the logged (pre-clip) norm is far larger."""
+    weights move by `grad_clip` in norm, to 1e-6 (DeepSpeed scales by clip / (norm + 1e-6); fp32
+    rounding), while the logged (pre-clip) norm is far larger."""
     clip = 0.05
     codes, out = train(tmp_path, shards, [
         "optim={name: sgd, lr: 1.0, momentum: 0.0, weight_decay: 0.0, grad_clip: 0.05}",
@@ -171,10 +159,10 @@ def test_gradient_clipping_clips_in_bf16(shards, tmp_path):
     cfg = load_config(RunConfig, TINY_CONFIG, [f"data.train={tmp_path}"])
     params = {name for name, _ in build_model(cfg.model).named_parameters()}
     before, after = (consolidated_state_dict(run / "checkpoints" / tag_for(s)) for s in (2, 3))
-    moved = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in params)).item()
+    moved = torch.sqrt(sum(((after[k].double() - before[k].double()) ** 2).sum() for k in params)).item()
     pre_clip = next(m["train/grad_norm"] for m in metrics(run) if m.get("step") == 3)
     assert pre_clip > 10 * clip
-    assert moved == pytest.approx(clip, rel=0.02)
+    assert moved == pytest.approx(clip, rel=1e-6)
 
 
 # ---------------------------------------------------------------- damaged data

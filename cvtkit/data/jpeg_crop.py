@@ -16,6 +16,7 @@ either raises, and the loader skips and counts it.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
@@ -121,10 +122,17 @@ class DeitCropDecoder:
         self.crop = RandomResizedCropParams(tuple(scale), tuple(ratio))
         self.hflip, self.mode, self.size, self.colour, self.draws = hflip, interpolation, size, colour, draws
 
-    def decode(self, data: bytes) -> tuple[np.ndarray, tuple[int, int, int, int], int]:
-        """Draw the crop from the header, decode what it needs: (pixels, crop box, reduction)."""
-        box = self.crop.sample(*jpeg_size(data))
-        pixels, reduction = decode_rgb(data, dct_reduction(box[3], box[2], self.size))
+    def decode(self, data: bytes,
+               reading=contextlib.nullcontext) -> tuple[np.ndarray, tuple[int, int, int, int], int]:
+        """Draw the crop from the header, decode what it needs: (pixels, crop box, reduction).
+        `reading()` is entered around the two calls that read `data`, and only those (the loader
+        counts what they raise as damaged data; the crop and the scale are code, not data)."""
+        with reading():
+            size = jpeg_size(data)
+        box = self.crop.sample(*size)
+        reduction = dct_reduction(box[3], box[2], self.size)
+        with reading():
+            pixels, reduction = decode_rgb(data, reduction)
         return pixels, box, reduction
 
     def __call__(self, decoded: tuple[np.ndarray, tuple[int, int, int, int], int]):

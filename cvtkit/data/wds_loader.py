@@ -15,8 +15,9 @@ Transforms: a PIL transform gets the decoded image; one marked `takes_bytes`
 (`transforms.train_decoder`) gets the JPEG bytes and decodes only what its crop needs. Workers
 collate into shared memory, so a batch reaches the trainer's process without another copy.
 Damage: a sample that does not decode, or a shard that cannot be read (truncated, corrupt), is
-skipped with a warning and counted (`WdsLoader.damaged`); training draws the next sample instead,
-so every rank still delivers its batches. Resume stays exact on undamaged data; after a skip the
+skipped with a warning and counted (`WdsLoader.damaged`), and only that (an error in a transform's
+own code is a bug, with its traceback); training draws the next sample instead, so every rank
+still delivers its batches. Resume stays exact on undamaged data; after a skip the
 resumed epoch can be off by the samples skipped before the stop.
 """
 from __future__ import annotations
@@ -53,22 +54,43 @@ def slot_plan(num_shards: int, slots: int, slot: int) -> tuple[list[int], int, i
     return [shard], sharing, slot // num_shards
 
 
-def _decode(sample: dict, min_side: int = 0) -> tuple[Image.Image, int, str]:
+def _decode(sample: dict, min_side: int = 0, reading=contextlib.nullcontext) -> tuple[Image.Image, int, str]:
     """JPEG bytes -> RGB image. With `min_side`, large JPEGs are decoded at a reduced DCT scale
     (1/2, 1/4, 1/8) that keeps the shorter side at least `min_side`: the transform that follows
-    never needs more pixels than that."""
-    img = Image.open(io.BytesIO(sample["jpg"]))
+    never needs more pixels than that. `reading()` is entered around what reads the sample."""
+    with reading():
+        img = Image.open(io.BytesIO(sample["jpg"]))
+        label, key = int(sample["cls"]), sample["__key__"]
+    draft = None
     if min_side and img.format == "JPEG":
         w, h = img.size
         short = min(w, h)
         if short >= 2 * min_side:
-            img.draft("RGB", (w * min_side // short + 1, h * min_side // short + 1))
-    return img.convert("RGB"), int(sample["cls"]), sample["__key__"]
+            draft = (w * min_side // short + 1, h * min_side // short + 1)
+    with reading():
+        if draft is not None:
+            img.draft("RGB", draft)
+        return img.convert("RGB"), label, key
 
 
 class DamagedData(CvtkitError, RuntimeError):
     """Every sample a slot could read is damaged: nothing to train on."""
     exit_code = 1
+
+
+class _Unreadable(Exception):
+    """Reading a sample's bytes failed; `__cause__` is what the library raised."""
+
+
+@contextlib.contextmanager
+def _reading_bytes():
+    """Around the calls that read a sample's bytes, and only those: what PIL, libjpeg-turbo or the
+    sample's fields raise there is damage (skipped and counted); an error anywhere else, such as
+    a transform's crop sampling, is a bug and keeps its traceback."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - PIL and libjpeg-turbo raise many kinds for damaged bytes
+        raise _Unreadable from e
 
 
 class _SlotStream(IterableDataset):
@@ -145,12 +167,12 @@ class _SlotStream(IterableDataset):
                              restore=info is None):
                 try:
                     img, label, key = self._load(sample)
-                except Exception as e:  # noqa: BLE001 - PIL and libjpeg-turbo raise many kinds for damaged bytes
-                    self._count_damage(f"sample {sample.get('__key__')} of {sample.get('__url__')}", e)
+                except _Unreadable as e:
+                    self._count_damage(f"sample {sample.get('__key__')} of {sample.get('__url__')}", e.__cause__)
                     bad_in_a_row += 1
                     if bad_in_a_row > slot_samples:
                         raise DamagedData(f"every sample of {', '.join(self.shards.urls[i] for i in ids)} "
-                                          f"is damaged") from e
+                                          f"is damaged") from e.__cause__
                     continue
                 if self.transform is not None:
                     img = self.transform(img)
@@ -162,11 +184,13 @@ class _SlotStream(IterableDataset):
 
     def _load(self, sample: dict):
         """The sample's image as the transform takes it: decoded by PIL, or, for a transform of
-        JPEG bytes (`takes_bytes`), its crop drawn and decoded. The one step that reads the
-        sample's bytes, so the one whose errors count as damage."""
+        JPEG bytes (`takes_bytes`), its crop drawn and decoded. The step that reads the sample's
+        bytes; only that reading runs under `_reading_bytes`, whose errors count as damage."""
         if getattr(self.transform, "takes_bytes", False):
-            return self.transform.decode(sample["jpg"]), int(sample["cls"]), sample["__key__"]
-        return _decode(sample, self.decode_min_side)
+            with _reading_bytes():
+                data, label, key = sample["jpg"], int(sample["cls"]), sample["__key__"]
+            return self.transform.decode(data, _reading_bytes), label, key
+        return _decode(sample, self.decode_min_side, _reading_bytes)
 
 
 def _sample_seed(name: str | None) -> int | None:

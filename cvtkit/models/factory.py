@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -166,6 +167,12 @@ class ModelConfig:
             raise ValueError(f"drop_path_rate: expected a value in [0, 1), got {self.drop_path_rate}")
         if self.img_size is not None and not _REGISTRY[self.name].fixed_res:
             raise ValueError(f"img_size: {self.name} runs at any input size; leave img_size unset")
+
+    def architecture(self) -> dict:
+        """The architecture beyond `name` and `num_classes` (`options`, CeiT's `img_size`) as JSON
+        holds it (lists, not tuples): what a checkpoint's meta.json records of its shape."""
+        shape = dict(self.options, **({"img_size": self.img_size} if self.img_size else {}))
+        return json.loads(json.dumps(shape))
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

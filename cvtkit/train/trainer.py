@@ -45,8 +45,9 @@ from .state import MasterEma, average_across_ranks, nonfinite_master, persistent
 from .validation import validate
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: saved after a signal; the launcher requeues (slurm/*.sh)
-# What a checkpoint's meta.json must agree on with the config that resumes it.
-_RESUME_KEYS = ("model", "num_classes", "global_batch", "classes_sha", "zero_stage", "precision")
+# What a checkpoint's meta.json must agree on with the config that resumes it (a model of another
+# shape here, not as DeepSpeed's "size mismatch" traceback once the process group runs).
+_RESUME_KEYS = ("model", "architecture", "num_classes", "global_batch", "classes_sha", "zero_stage", "precision")
 
 
 class NonFiniteLoss(CvtkitError):
@@ -151,7 +152,8 @@ class Trainer:
 
     def _meta(self, step: int) -> dict:
         synsets = self.data.synsets
-        return {"step": step, "model": self.cfg.model.name, "num_classes": self.cfg.model.num_classes,
+        return {"step": step, "model": self.cfg.model.name, "architecture": self.cfg.model.architecture(),
+                "num_classes": self.cfg.model.num_classes,
                 "global_batch": self.cfg.data.batch_size, "world_size": self.env.world_size,
                 "zero_stage": self.cfg.engine.zero_stage, "precision": self.cfg.engine.precision,
                 "classes_sha": class_list_sha256(synsets) if synsets else None, "res": self.cfg.data.res,
@@ -181,8 +183,7 @@ class Trainer:
         self.buffers_to_average = [b for _, b in persistent_buffers(self.engine.module) if b.is_floating_point()]
         self.batch = DeviceBatch(cfg.data.augment, cfg.model.num_classes, self.device, self.dtype,
                                  cfg.engine.channels_last)
-        shape = dict(cfg.model.options, **({"img_size": cfg.model.img_size} if cfg.model.img_size else {}))
-        self.macs = model_macs(cfg.model.name, cfg.data.res, **shape).total
+        self.macs = model_macs(cfg.model.name, cfg.data.res, **cfg.model.architecture()).total
         self.peak_flops = device_peak_flops(self.device)
 
     def _states(self) -> dict:
