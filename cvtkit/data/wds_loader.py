@@ -22,6 +22,7 @@ resumed epoch can be off by the samples skipped before the stop.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import logging
