@@ -18,7 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cvtkit.device import backend_for
-from cvtkit.dist import free_port
 from cvtkit.models import create_model, weight_decay_groups
 from cvtkit.models.factory import get_entry
 from cvtkit.models.summary import model_macs
@@ -163,9 +162,10 @@ def _build_step(cfg: BenchConfig, model: nn.Module, num_classes: int, device: to
         import deepspeed  # imported when a ZeRO row runs: it takes seconds
 
         if not torch.distributed.is_initialized():
-            # A one-process group; main() takes these variables and the group down at the end.
+            # A one-process group (its store on port 0: the system picks one); main() takes these
+            # variables and the group down at the end.
             for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}.items():
                 if key not in os.environ:
                     os.environ[key] = value
                     _STARTED["env"].append(key)
