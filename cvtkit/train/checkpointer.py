@@ -22,6 +22,8 @@ from cvtkit.checkpoint import (COMPLETE, TAG_RE, ResumeError, complete_tags, lat
 from cvtkit.device import any_rank, barrier
 from cvtkit.errors import CvtkitError
 
+from .reshard import untie_step_counts
+
 log = logging.getLogger(__name__)
 
 # torch.save to a path reports a failed write (a full disk) as a RuntimeError with these words.
@@ -101,6 +103,7 @@ class Checkpointer:
             raise ResumeError(f"{self.ckpt_dir / load_tag}: DeepSpeed could not load this checkpoint")
         if universal:
             self._restore_buffers(engine.module, folder)
+            untie_step_counts(engine.optimizer)
         own = folder / f"trainer_rank{self.rank:05d}.pt"
         rank_state = torch.load(own, map_location="cpu", weights_only=True) if own.is_file() else None
         ema_file = folder / "ema.pt"
