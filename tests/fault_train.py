@@ -21,6 +21,8 @@ training code is the real one; only the moments chosen below are intercepted.
                                          the save of step STEP (as a diverging update would)
     CVTKIT_DUMP_BUFFERS=PATH             after training, each rank writes its module's buffers to
                                          PATH.rankR
+
+`FaultTrainJob` is submitit's job (cvtkit.train.submitit_job.TrainJob) with the same faults.
 """
 import os
 import random
@@ -34,6 +36,7 @@ import torch
 from cvtkit.checkpoint import tag_for
 from cvtkit.train import checkpointer
 from cvtkit.train.cli import pretrain_main
+from cvtkit.train.submitit_job import TrainJob
 
 
 def kill_at_save(spec: str) -> None:
@@ -66,8 +69,8 @@ def at_step(step: int, action) -> None:
     from cvtkit.train.trainer import Trainer
     real_step = Trainer._train_step
 
-    def _train_step(self, batches, stop):
-        result = real_step(self, batches, stop)
+    def _train_step(self, *args):
+        result = real_step(self, *args)
         if self.step == step:
             action(self)
         return result
@@ -199,6 +202,15 @@ def install_faults() -> None:
         plant_nan(int(os.environ["CVTKIT_PLANT_NAN"]))
     if os.environ.get("CVTKIT_DUMP_BUFFERS"):
         dump_buffers(os.environ["CVTKIT_DUMP_BUFFERS"])
+
+
+class FaultTrainJob(TrainJob):
+    """submitit's job with the faults of the environment in the run it was submitted for; its
+    requeue (`TrainJob.checkpoint`) resubmits the plain TrainJob, which runs without them."""
+
+    def __call__(self, entry: str, argv: list[str]) -> int:
+        install_faults()
+        return super().__call__(entry, argv)
 
 
 if __name__ == "__main__":

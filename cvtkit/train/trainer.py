@@ -58,7 +58,7 @@ class StepReport:
     """What every rank agreed on after a step (one all-reduce)."""
     loss: float  # mean over ranks and micro-batches
     nonfinite: bool  # any rank saw a non-finite loss
-    stop: bool  # any rank received a stop signal
+    signal: int | None  # the stop signal any rank received (StopSignals.agreed), or None
     damaged: int  # samples or shards the loaders of all ranks skipped so far
 
 
@@ -237,8 +237,8 @@ class Trainer:
             lr = self.schedule(self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            report, data_wait = self._train_step(batches, stop=signals.received is not None)
-            stop = report.stop or self.step == cfg.checkpoint.stop_at_step
+            report, data_wait = self._train_step(batches, signals)
+            stop = report.signal is not None or self.step == cfg.checkpoint.stop_at_step
             self._check_health(report, lr)
             meter.add(cfg.data.batch_size, data_wait)
             bar.update(1)
@@ -252,10 +252,10 @@ class Trainer:
                 self._save()
             if stop:
                 bar.close()
-                why = "by signal" if signals.received is not None else "at checkpoint.stop_at_step"
+                why = "by signal" if report.signal is not None else "at checkpoint.stop_at_step"
                 self._info(f"stopped {why} at step {self.step}/{total}; checkpoint saved, exiting with "
                            f"{EXIT_REQUEUE} to be resumed")
-                signals.hand_over()  # e.g. submitit's checkpoint-and-requeue
+                signals.hand_over(report.signal)  # e.g. submitit's checkpoint-and-requeue
                 return EXIT_REQUEUE
         bar.close()
         self.validate()
@@ -266,7 +266,7 @@ class Trainer:
         while True:
             yield from self.loader
 
-    def _train_step(self, batches, stop: bool) -> tuple[StepReport, float]:
+    def _train_step(self, batches, signals: StopSignals) -> tuple[StepReport, float]:
         """One optimizer step over `accum` micro-batches, then the ranks' agreement; returns it and
         the seconds spent waiting for data."""
         loss_sum, nonfinite, data_wait = 0.0, False, 0.0
@@ -286,10 +286,11 @@ class Trainer:
         if self.ema is not None and self.step % self.cfg.ema.every_steps == 0:
             self.ema.update(self.engine.module)
         damaged = getattr(self.loader, "damaged", 0)
-        t = torch.tensor([loss_sum, float(nonfinite), float(stop), float(damaged)], dtype=torch.float64,
+        t = torch.tensor([loss_sum, float(nonfinite), float(damaged), *signals.flags()], dtype=torch.float64,
                          device=collective_device())
         dist.all_reduce(t)
-        return StepReport(t[0].item() / self.world, t[1].item() > 0, t[2].item() > 0, int(t[3].item())), data_wait
+        return StepReport(t[0].item() / self.world, t[1].item() > 0, signals.agreed(t[3:].tolist()),
+                          int(t[2].item())), data_wait
 
     def _check_health(self, report: StepReport, lr: float) -> None:
         """Damaged data is reported and training goes on; a run of non-finite losses stops it."""
