@@ -69,8 +69,8 @@ def at_step(step: int, action) -> None:
     from cvtkit.train.trainer import Trainer
     real_step = Trainer._train_step
 
-    def _train_step(self, *args):
-        result = real_step(self, *args)
+    def _train_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
         if self.step == step:
             action(self)
         return result
