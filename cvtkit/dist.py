@@ -88,26 +88,33 @@ def discover(env: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv(rank, local, world, addr, port, launcher)
 
 
-def free_port() -> int:
-    """A TCP port free on this machine now, for a process group of local ranks."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def hosted_rendezvous(host: str = "127.0.0.1"):
+    """A rendezvous store for local ranks, bound to a port the system picks and held from that
+    moment, as torchrun's agent hosts one: no port is chosen first and bound later, so no other
+    process can take it in between. Returns the store (it serves as long as it is referenced) and
+    the variables that make every rank's `env://` initialisation join it as a client."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(minutes=30))
+    return store, {"MASTER_ADDR": host, "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
+                   "TORCHELASTIC_RESTART_COUNT": "0"}
 
 
 def launch_local(nproc: int, cmd: list[str], env: Mapping[str, str] | None = None, **popen) -> list:
     """Start `nproc` ranks of `cmd` on this machine with the variables torchrun would export (the
-    way srun starts one process per task); returns their `subprocess.Popen`s. Unlike torchrun it
-    passes each rank's exit status through, such as 75 for "saved, resume me"."""
+    way srun starts one process per task); returns their `subprocess.Popen`s, which hold the
+    ranks' rendezvous store (`hosted_rendezvous`) until the last of them is dropped. Unlike torchrun
+    it passes each rank's exit status through, such as 75 for "saved, resume me"."""
     import subprocess
 
-    port = free_port()
+    store, rendezvous = hosted_rendezvous()
     base = {k: v for k, v in (os.environ if env is None else env).items()
             if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     procs = []
     for rank in range(nproc):
         rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                        LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                        LOCAL_WORLD_SIZE=str(nproc), **rendezvous)
         procs.append(subprocess.Popen(cmd, env=rank_env, **popen))
+        procs[-1].rendezvous_store = store
     return procs

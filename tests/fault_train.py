@@ -4,23 +4,29 @@ training code is the real one; only the moments chosen below are intercepted.
     CVTKIT_KILL_AT_SAVE=STEP:RANK:NAME   SIGKILL this process (rank RANK) when the save of step STEP
                                          is about to write the file whose name contains NAME
                                          (e.g. `optim_states`, written by DeepSpeed, or `COMPLETE`)
-    CVTKIT_DUMP_LOADED=PATH              build the run as training would (resuming from the run
-                                         folder), write the whole live model state (its dtypes)
-                                         to PATH (rank 0, gathered under ZeRO-3), and each rank's
-                                         next random draws (torch, numpy, python) to PATH.rankR,
-                                         and exit
-    CVTKIT_PLANT_NAN=STEP                make rank 0's first fp32 master element NaN just before
-                                         the save of step STEP (as a diverging update would)
+    CVTKIT_KILL_AT_STEP=STEP             every rank SIGKILLs itself once the update of step STEP is
+                                         done and agreed (before it is logged or saved)
+    CVTKIT_KILL_RANK_AT_STEP=STEP:RANK   rank RANK alone SIGKILLs itself once its step STEP is done
+    CVTKIT_SIGNAL_AT_STEP=STEP:RANK:SIG  rank RANK alone sends itself signal SIG (TERM, USR1, USR2)
+                                         once the update of step STEP is done and agreed
+    CVTKIT_SIGNAL_AT=STEP                each rank sends itself SIGUSR1 (Slurm's warning before the
+                                         time limit) once its step STEP is done
     CVTKIT_NONFINITE_AT=STEPS            rank 0's loss is multiplied by NaN in the optimizer steps
                                          STEPS (comma-separated, the first step is 1): their
                                          gradients are not finite, on every rank once reduced
-    CVTKIT_KILL_AT_STEP=STEP:RANK        SIGKILL rank RANK as soon as its step STEP is done
-    CVTKIT_SIGNAL_AT=STEP                each rank sends itself SIGUSR1 (Slurm's warning before the
-                                         time limit) as soon as its step STEP is done
+    CVTKIT_DUMP_LOADED=PATH              build the run as training would (resuming from the run
+                                         folder), write the whole live model state (its dtypes)
+                                         and every parameter's fp32 master (DeepSpeed's accessor)
+                                         to PATH (rank 0, gathered under ZeRO-3), and each rank's
+                                         next random draws (torch, numpy, python) to PATH.rankR,
+                                         and exit
+    CVTKIT_DUMP_OPTIMIZER=PATH           each rank writes `optimizer_view` to PATH.saved.STEP.rankR
+                                         after every save, and to PATH.restored.STEP.rankR once a
+                                         resumed run is set up (before its first step)
+    CVTKIT_PLANT_NAN=STEP                make rank 0's first fp32 master element NaN just before
+                                         the save of step STEP (as a diverging update would)
     CVTKIT_DUMP_BUFFERS=PATH             after training, each rank writes its module's buffers to
                                          PATH.rankR
-    CVTKIT_KILL_AT_STEP=STEP             SIGKILL this process (every rank) once optimizer step STEP
-                                         has been queued
     CVTKIT_DETERMINISTIC=1               deterministic algorithms (torch's, cuBLAS's workspace), no
                                          cuDNN autotuning: reruns give the same numbers
     CVTKIT_COUNT_HOST_READS=PATH         count the device reads (`aten._local_scalar_dense`: `.item()`,
@@ -29,6 +35,8 @@ training code is the real one; only the moments chosen below are intercepted.
                                          made them (cvtkit's own, DeepSpeed's, torch's DataLoader
                                          on its own CPU tensors, other); each rank
                                          writes its windows to PATH.rankR as JSON
+
+`FaultTrainJob` is submitit's job (cvtkit.train.submitit_job.TrainJob) with the same faults.
 """
 import json
 import os
@@ -43,6 +51,7 @@ import torch
 from cvtkit.checkpoint import tag_for
 from cvtkit.train import checkpointer
 from cvtkit.train.cli import pretrain_main
+from cvtkit.train.submitit_job import TrainJob
 
 
 def kill_at_save(spec: str) -> None:
@@ -70,6 +79,96 @@ def kill_at_save(spec: str) -> None:
     checkpointer.write_text_atomic = write_text_atomic
 
 
+def at_step(step: int, action) -> None:
+    """Run `action(trainer)` on every rank once the update of `step` is done and agreed."""
+    from cvtkit.train.trainer import Trainer
+    real_step = Trainer._train_step
+
+    def _train_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        if self.step == step:
+            action(self)
+        return result
+    Trainer._train_step = _train_step
+
+
+def kill_at_step(step: int) -> None:
+    at_step(step, lambda trainer: os.kill(os.getpid(), signal.SIGKILL))
+
+
+def signal_at_step(spec: str) -> None:
+    step, rank, name = spec.split(":")
+    sig = getattr(signal, f"SIG{name}")
+    at_step(int(step), lambda trainer: os.kill(os.getpid(), sig) if trainer.rank == int(rank) else None)
+
+
+def kill_rank_at_step(spec: str) -> None:
+    step, rank = spec.split(":")
+    at_step(int(step), lambda trainer: os.kill(os.getpid(), signal.SIGKILL) if trainer.rank == int(rank) else None)
+
+
+def nonfinite_at(steps: set[int]) -> None:
+    from cvtkit.train import trainer
+    real_step, real_loss = trainer.Trainer._train_step, trainer.classification_loss
+
+    def _train_step(self, *args, **kwargs):
+        if self.step + 1 in steps and self.rank == 0:
+            trainer.classification_loss = lambda *a: real_loss(*a) * float("nan")
+        try:
+            return real_step(self, *args, **kwargs)
+        finally:
+            trainer.classification_loss = real_loss
+    trainer.Trainer._train_step = _train_step
+
+
+def fp32_masters(engine) -> dict:
+    """Every parameter's whole fp32 master, read through DeepSpeed's accessor (a collective); under
+    ZeRO-0 (fp32) the parameter is its own master."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    masters = {}
+    for name, p in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(p)
+        masters[name] = (p if master is None else master).detach().cpu().clone()
+    return masters
+
+
+def optimizer_view(engine) -> dict:
+    """What the optimizer holds, read through DeepSpeed's own accessors (collectives: every rank
+    calls it): every parameter's whole fp32 master and both Adam moments; and this rank's step
+    counts (of the torch optimizer over its partition) and learning rates."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+    optimizer = engine.optimizer
+    if getattr(optimizer, "_hp_optimizer_states_linked", False):
+        # DeepSpeed 0.19's ZeRO 1-2 link each parameter to its slice of the Adam state after the
+        # first group's first update, when the other groups have no state yet, and never again:
+        # safe_get_full_optimizer_state then fails ("exp_avg not found") for the second group
+        # (biases, norms). The states themselves are whole; link them again to read them.
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    view = {"fp32": fp32_masters(engine)}
+    for key in ("exp_avg", "exp_avg_sq"):
+        view[key] = {name: safe_get_full_optimizer_state(p, key).detach().cpu().clone()
+                     for name, p in engine.module.named_parameters()}
+    view["steps"] = sorted({float(state["step"]) for state in optimizer.optimizer.state.values() if "step" in state})
+    view["lr"] = [group["lr"] for group in optimizer.param_groups]
+    return view
+
+
+def dump_optimizer(out: str) -> None:
+    from cvtkit.train.trainer import Trainer
+    real_setup, real_save = Trainer.setup, Trainer._save
+
+    def setup(self):
+        real_setup(self)
+        if self.step > 0:
+            torch.save(optimizer_view(self.engine), f"{out}.restored.{self.step}.rank{self.rank}")
+
+    def save(self):
+        real_save(self)
+        torch.save(optimizer_view(self.engine), f"{out}.saved.{self.step}.rank{self.rank}")
+    Trainer.setup, Trainer._save = setup, save
+
+
 def dump_loaded(argv: list[str], out: str) -> int:
     import argparse
 
@@ -87,8 +186,9 @@ def dump_loaded(argv: list[str], out: str) -> int:
     module = trainer.engine.module
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    masters = fp32_masters(trainer.engine)
     if trainer.rank == 0:
-        torch.save({"step": trainer.step, "state": state}, out)
+        torch.save({"step": trainer.step, "state": state, "masters": masters}, out)
     draws = {"torch": torch.rand(16), "numpy": torch.from_numpy(np.random.rand(16)),
              "python": torch.tensor([random.random() for _ in range(16)])}
     torch.save(draws, f"{out}.rank{trainer.rank}")
@@ -110,33 +210,6 @@ def plant_nan(step: int) -> None:
     Trainer._save = save
 
 
-def nonfinite_at(steps: set[int]) -> None:
-    from cvtkit.train import trainer
-    real_step, real_loss = trainer.Trainer._train_step, trainer.classification_loss
-
-    def _train_step(self, batches, stop):
-        if self.step + 1 in steps and self.rank == 0:
-            trainer.classification_loss = lambda *args: real_loss(*args) * float("nan")
-        try:
-            return real_step(self, batches, stop)
-        finally:
-            trainer.classification_loss = real_loss
-    trainer.Trainer._train_step = _train_step
-
-
-def after_step(step: int, sig: int, rank: int | None = None) -> None:
-    """Send `sig` to this process once its step `step` is done (on rank `rank` only, if given)."""
-    from cvtkit.train.trainer import Trainer
-    real_step = Trainer._train_step
-
-    def _train_step(self, batches, stop):
-        result = real_step(self, batches, stop)
-        if self.step == step and rank in (None, self.rank):
-            os.kill(os.getpid(), sig)
-        return result
-    Trainer._train_step = _train_step
-
-
 def dump_buffers(out: str) -> None:
     from cvtkit.train.trainer import Trainer
     real_train = Trainer.train
@@ -146,18 +219,6 @@ def dump_buffers(out: str) -> None:
         torch.save({k: v.detach().clone() for k, v in self.engine.module.named_buffers()}, f"{out}.rank{self.rank}")
         return code
     Trainer.train = train
-
-
-def kill_at_step(step: int) -> None:
-    from cvtkit.train.trainer import Trainer
-    real_step = Trainer._train_step
-
-    def train_step(self, batches, stop):
-        wait = real_step(self, batches, stop)
-        if self.step == step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return wait
-    Trainer._train_step = train_step
 
 
 def deterministic() -> None:
@@ -228,26 +289,44 @@ def count_host_reads(out: str) -> None:
     Trainer._log_train, StepAgreement.read, Trainer.train = log_train, read, train
 
 
-if __name__ == "__main__":
+def install_faults() -> None:
+    """The faults and dumps the environment asks for (the table above; CVTKIT_DUMP_LOADED is a
+    run of its own)."""
     if os.environ.get("CVTKIT_DETERMINISTIC"):
         deterministic()
-    if os.environ.get("CVTKIT_KILL_AT_STEP"):
-        kill_at_step(int(os.environ["CVTKIT_KILL_AT_STEP"]))
     if os.environ.get("CVTKIT_COUNT_HOST_READS"):
         count_host_reads(os.environ["CVTKIT_COUNT_HOST_READS"])
     if os.environ.get("CVTKIT_KILL_AT_SAVE"):
         kill_at_save(os.environ["CVTKIT_KILL_AT_SAVE"])
-    if os.environ.get("CVTKIT_PLANT_NAN"):
-        plant_nan(int(os.environ["CVTKIT_PLANT_NAN"]))
+    if os.environ.get("CVTKIT_KILL_AT_STEP"):
+        kill_at_step(int(os.environ["CVTKIT_KILL_AT_STEP"]))
+    if os.environ.get("CVTKIT_KILL_RANK_AT_STEP"):
+        kill_rank_at_step(os.environ["CVTKIT_KILL_RANK_AT_STEP"])
+    if os.environ.get("CVTKIT_SIGNAL_AT_STEP"):
+        signal_at_step(os.environ["CVTKIT_SIGNAL_AT_STEP"])
+    if os.environ.get("CVTKIT_SIGNAL_AT"):
+        at_step(int(os.environ["CVTKIT_SIGNAL_AT"]), lambda trainer: os.kill(os.getpid(), signal.SIGUSR1))
     if os.environ.get("CVTKIT_NONFINITE_AT"):
         nonfinite_at({int(s) for s in os.environ["CVTKIT_NONFINITE_AT"].split(",")})
-    if os.environ.get("CVTKIT_KILL_AT_STEP"):
-        kill_step, kill_rank = os.environ["CVTKIT_KILL_AT_STEP"].split(":")
-        after_step(int(kill_step), signal.SIGKILL, int(kill_rank))
-    if os.environ.get("CVTKIT_SIGNAL_AT"):
-        after_step(int(os.environ["CVTKIT_SIGNAL_AT"]), signal.SIGUSR1)
+    if os.environ.get("CVTKIT_DUMP_OPTIMIZER"):
+        dump_optimizer(os.environ["CVTKIT_DUMP_OPTIMIZER"])
+    if os.environ.get("CVTKIT_PLANT_NAN"):
+        plant_nan(int(os.environ["CVTKIT_PLANT_NAN"]))
     if os.environ.get("CVTKIT_DUMP_BUFFERS"):
         dump_buffers(os.environ["CVTKIT_DUMP_BUFFERS"])
+
+
+class FaultTrainJob(TrainJob):
+    """submitit's job with the faults of the environment in the run it was submitted for; its
+    requeue (`TrainJob.checkpoint`) resubmits the plain TrainJob, which runs without them."""
+
+    def __call__(self, entry: str, argv: list[str]) -> int:
+        install_faults()
+        return super().__call__(entry, argv)
+
+
+if __name__ == "__main__":
+    install_faults()
     if os.environ.get("CVTKIT_DUMP_LOADED"):
         sys.exit(dump_loaded(sys.argv[1:], os.environ["CVTKIT_DUMP_LOADED"]))
     sys.exit(pretrain_main())

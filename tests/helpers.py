@@ -136,12 +136,20 @@ def signal_when_step(procs: list[subprocess.Popen], run_dir: Path, step: int, si
     raise TimeoutError(f"{run_dir}: step {step} not reached in {timeout} s")
 
 
-def assert_same_model(live: dict, saved: dict) -> None:
-    """The live model equals the consolidated fp32 state rounded to the live dtypes (bf16
-    parameters; BatchNorm statistics stay fp32)."""
-    assert live.keys() == saved.keys()
+def assert_same_model(loaded: dict, saved: dict) -> None:
+    """A model loaded back (`dump_loaded`) is the consolidated fp32 checkpoint `saved`: every
+    parameter's fp32 master (DeepSpeed's accessor) equals the saved one to the bit, so a load from
+    the bf16 working copies would not pass; the working copy is that master in its own dtype; the
+    buffers (BatchNorm statistics, fp32) equal the saved ones to the bit."""
+    state, masters = loaded["state"], loaded["masters"]
+    assert state.keys() == saved.keys() and masters.keys() <= saved.keys()
     for name, value in saved.items():
-        assert torch.equal(live[name], value.to(live[name].dtype)), name
+        if name in masters:
+            assert masters[name].dtype == value.dtype == torch.float32, name
+            assert torch.equal(masters[name], value), f"{name}: fp32 master"
+            assert torch.equal(state[name], value.to(state[name].dtype)), f"{name}: working copy"
+        else:
+            assert state[name].dtype == value.dtype and torch.equal(state[name], value), name
 
 
 def job_env(**extra: str) -> dict:

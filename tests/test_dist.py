@@ -1,11 +1,13 @@
 """Rank discovery for a single process, torchrun/deepspeed, and Slurm's srun (real where possible)."""
+import errno
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from cvtkit.dist import default_port, discover, first_host
+from cvtkit.dist import default_port, discover, first_host, launch_local
 
 from helpers import REPO
 
@@ -52,6 +54,36 @@ def test_export_sets_env_init_variables():
     assert env == {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                    "MASTER_PORT": "29500"}
     assert default_port(None) == 29500
+
+
+RANK_THAT_WAITS = """
+import os, sys
+import torch, torch.distributed as dist
+print(os.environ["MASTER_PORT"], flush=True)
+sys.stdin.readline()  # the test tries the port meanwhile, then lets the ranks meet
+dist.init_process_group("gloo")
+t = torch.ones(1)
+dist.all_reduce(t)
+print(int(t.item()), flush=True)
+"""
+
+
+def test_local_ranks_rendezvous_on_a_port_held_from_the_start():
+    """The port the ranks meet on is bound before they start and stays bound: a process that
+    tries to take it in between (as another job on the machine could) is refused, and the ranks
+    still meet."""
+    procs = launch_local(2, [sys.executable, "-c", RANK_THAT_WAITS], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ports = [int(p.stdout.readline()) for p in procs]  # both started; neither has bound anything
+    try:
+        with socket.socket() as s, pytest.raises(OSError) as taken:
+            s.bind(("127.0.0.1", ports[0]))
+        assert taken.value.errno == errno.EADDRINUSE
+    finally:
+        for p in procs:
+            p.stdin.close()  # the ranks read end-of-file and meet
+        outputs = [p.stdout.read() for p in procs]
+    assert ports[0] == ports[1] and [p.wait() for p in procs] == [0, 0] and outputs == ["2\n", "2\n"]
 
 
 @pytest.mark.slow

@@ -5,11 +5,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from cvtkit.checkpoint import complete_tags, tag_for
+from cvtkit.checkpoint import COMPLETE, complete_tags, tag_for
 from cvtkit.config_loader import ConfigError, load_config
 from cvtkit.dist import launch_local
 from cvtkit.train.engine import batch_plan
@@ -110,6 +111,51 @@ def test_two_ranks_then_one(shards, tmp_path):
     scored = json.loads(result.read_text())
     assert scored["precision"] == "bf16" and scored["count"] == final["val/count"]
     assert scored["top1"] == final["val/top1"] and scored["loss"] == pytest.approx(final["val/loss"], rel=1e-4)
+
+
+def views(dump: Path, kind: str, step: int, nproc: int) -> list[dict]:
+    """Each rank's `optimizer_view` (tests/fault_train.py) after the save or the restore of `step`."""
+    return [torch.load(f"{dump}.{kind}.{step}.rank{r}", weights_only=True) for r in range(nproc)]
+
+
+def assert_same_optimizer(restored: list[dict], saved: list[dict], step: int) -> None:
+    """Every rank's restored fp32 masters and Adam moments equal the saved ones to the bit, for
+    every parameter; every rank's optimizer counts `step` updates."""
+    for view in restored:
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            assert view[key].keys() == saved[0][key].keys()
+            for name, value in saved[0][key].items():
+                assert view[key][name].dtype == torch.float32 and torch.equal(view[key][name], value), (key, name)
+        assert view["steps"] == [float(step)] and view["lr"] == saved[0]["lr"], (view["steps"], view["lr"])
+    assert all(view["steps"] == [float(step)] for view in saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resharding_keeps_the_fp32_masters_and_the_adam_moments(shards, tmp_path, stage):
+    """2 ranks -> 1 -> 2 under ZeRO-`stage` (ZeRO-1 with bf16 reduces gradients in bf16: its fp32
+    reduction is refused): after each change of world size, every parameter's fp32 master and
+    both Adam moments, read through DeepSpeed's accessors on every rank, equal those saved, the
+    optimizer's step count goes on from the saved one, and the learning rate of the next step is
+    the one the run before the change logged for it. Each run goes one step past the checkpoint
+    it is resumed from and that step's checkpoint loses its `COMPLETE` (as a run killed while
+    saving leaves it), so the next run resumes from the one before and repeats the step."""
+    run, dump = tmp_path / "tiny_cpu", tmp_path / "optimizer"
+    common = [f"engine.zero_stage={stage}", *(["engine.grad_reduce_dtype=bf16"] if stage == 1 else []),
+              "engine.micro_batch=8", "checkpoint.every_steps=2", "checkpoint.keep=4", "log.every_steps=1"]
+    lr = {}
+    for nproc, resumed, stop in ((2, None, 3), (1, 2, 5), (2, 4, 5)):
+        codes, out = train(tmp_path, shards, [*common, f"checkpoint.stop_at_step={stop}"], nproc,
+                           script="tests/fault_train.py", env={"CVTKIT_DUMP_OPTIMIZER": str(dump)})
+        assert codes == [EXIT_REQUEUE] * nproc, out
+        if resumed is not None:
+            assert f"at step {resumed}" in out and f"x accumulation {2 // nproc} x {nproc} ranks" in out
+            assert_same_optimizer(views(dump, "restored", resumed, nproc), views(dump, "saved", resumed, 3 - nproc),
+                                  resumed)
+            assert {m["step"]: m["train/lr"] for m in metrics(run) if "train/lr" in m}[resumed + 1] == lr[resumed + 1]
+        assert all(view["steps"] == [float(stop)] for view in views(dump, "saved", stop, nproc))
+        lr.update({m["step"]: m["train/lr"] for m in metrics(run) if "train/lr" in m})
+        (run / "checkpoints" / tag_for(stop) / COMPLETE).unlink()
 
 
 @pytest.mark.slow

@@ -3,14 +3,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cvtkit.dist import free_port
+from cvtkit.dist import hosted_rendezvous
 from helpers import TINY_CEIT, TINY_CVT
 
 
-def _train(rank, world, port, name, extra, res, results):
+def _train(rank, world, rendezvous, name, extra, res, results):
     import os
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), **rendezvous)
     import deepspeed
 
     from cvtkit.models import create_model, weight_decay_groups
@@ -38,7 +37,9 @@ def _train(rank, world, port, name, extra, res, results):
 @pytest.mark.parametrize("name,extra,res", [("cvt_13", TINY_CVT, 32), ("ceit_tiny", TINY_CEIT, 32)])
 def test_zero2_bf16_two_processes(name, extra, res):
     results = mp.Manager().dict()
-    mp.spawn(_train, args=(2, free_port(), name, extra, res, results), nprocs=2)
+    store, rendezvous = hosted_rendezvous()  # held by this process while the ranks run
+    mp.spawn(_train, args=(2, rendezvous, name, extra, res, results), nprocs=2)
+    del store  # served the ranks' rendezvous until here
     for losses in results.values():
         assert all(torch.isfinite(torch.tensor(losses)))
         assert losses[-1] < losses[0]

@@ -103,10 +103,13 @@ def test_lost_node_ends_the_run_and_the_requeued_job_resumes(shards, tmp_path, s
                           check=True).stdout.split()
     assert pids, "nothing ran in node2's namespace"
     subprocess.run(["kill", "-KILL", *pids], check=True)
-    saved = complete_tags(run / "checkpoints")  # no save completes without rank 1
-    assert saved and saved[-1] >= tag_for(4)
     lost = wait_for("the job to leave node2",
                     lambda: job_field(job, "JobState") not in ("RUNNING", "COMPLETING"), 120, log)
+    # Read only now: rank 0 has ended with the job (a save whose every part was written before the
+    # kill may still have got its COMPLETE from rank 0 after it), and the requeued job cannot start
+    # again before node2 is back.
+    saved = complete_tags(run / "checkpoints")
+    assert saved and saved[-1] >= tag_for(4)
     assert job_field(job, "JobState") == "PENDING" and job_field(job, "Restarts") == "1", \
         log.read_text() + (STATE / "log/slurmctld.log").read_text()[-5000:]
     assert "Not responding" in subprocess.run(["sinfo", "-R", "-h"], capture_output=True, text=True).stdout

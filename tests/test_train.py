@@ -1,7 +1,9 @@
 """The training engine for real: DeepSpeed ZeRO 1-3 over two gloo processes on CPU, tiny CvT/CeiT,
 tiny learnable shards; exact resume, signals, elastic resume, loud failures."""
+import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,8 +20,8 @@ from cvtkit.train.trainer import EXIT_REQUEUE
 from cvtkit.dist import free_port
 from cvtkit.models.factory import build_model
 
-from helpers import (REPO, TINY_CONFIG, assert_same_model, dump_loaded, make_tiny_shards, metrics, train,
-                     train_argv, train_losses, wait)
+from helpers import (REPO, TINY_CONFIG, assert_same_model, dump_loaded, make_tiny_shards, metrics,
+                     train, train_argv, train_losses, wait)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,7 @@ def test_two_ranks_train_under_each_zero_stage(shards, tmp_path, stage):
     saved = consolidated_state_dict(run / "checkpoints" / tag_for(8))
     loaded = dump_loaded(tmp_path, shards, [*engine, "schedule.epochs=2"])
     assert loaded["step"] == 8
-    assert_same_model(loaded["state"], saved)
+    assert_same_model(loaded, saved)
     initial = build_model(load_config(RunConfig, TINY_CONFIG, [f"data.train={shards}"]).model).state_dict()
     assert not torch.equal(initial["head.weight"], saved["head.weight"])
 
@@ -157,28 +159,61 @@ def test_ceit_with_accumulation_and_ema(shards, tmp_path):
     assert any(k.endswith("pos_embed") for k in ema)
 
 
-@pytest.mark.slow
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
-    common = ["log.every_steps=1", "data.workers=1", "checkpoint.every_steps=0", "ema.decay=0.9",
-              "data.augment={kind: deit, re_prob: 0.25, mixup_alpha: 0.8, cutmix_alpha: 1.0}"]
-    codes, out = train(tmp_path / "a", shards, common)
+# Exact resume: every random draw counts (workers, augmentation, Mixup/CutMix, erasing, an EMA);
+# a checkpoint every 4 steps, and a log line every step.
+EXACT = ["log.every_steps=1", "data.workers=1", "checkpoint.every_steps=4", "ema.decay=0.9",
+         "data.augment={kind: deit, re_prob: 0.25, mixup_alpha: 0.8, cutmix_alpha: 1.0}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory):
+    """The run folder of 16 steps without a stop, which every interrupted one must equal."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    codes, out = train(root, shards, EXACT)
     assert codes == [0, 0], out
-    codes, out = train(tmp_path / "b", shards, common + ["checkpoint.stop_at_step=6"])
-    assert codes == [EXIT_REQUEUE] * 2, out
-    assert "stopped at checkpoint.stop_at_step at step 6/16" in out
-    codes, out = train(tmp_path / "b", shards, common)
-    assert codes == [0, 0], out
-    assert "resumed from" in out and "at step 6" in out
-    full, resumed = train_losses(tmp_path / "a/tiny_cpu"), train_losses(tmp_path / "b/tiny_cpu")
-    assert sorted(full) == sorted(resumed) == list(range(1, 17))
-    assert full == resumed
-    # ... and the final state is the same to the bit: model, optimizer, EMA, RNG, loader, step
-    a, b = (tmp_path / run / "tiny_cpu/checkpoints" / tag_for(16) for run in "ab")
+    return root / "tiny_cpu"
+
+
+def assert_same_run(run, uninterrupted) -> None:
+    """Every loss `run` logged (before and after its interruption) is the uninterrupted run's for
+    that step, to the bit, every step is there, and the final checkpoints are the same to the bit:
+    model, optimizer shards, EMA, each rank's RNG and loader position, step."""
+    full = train_losses(uninterrupted)
+    logged = [(m["step"], m["train/loss"]) for m in metrics(run) if "train/loss" in m]
+    assert sorted(full) == sorted({step for step, _ in logged}) == list(range(1, 17))
+    assert [loss for _, loss in logged] == [full[step] for step, _ in logged], (logged, full)
+    a, b = (folder / "checkpoints" / tag_for(16) for folder in (uninterrupted, run))
     files = sorted(p.name for p in a.glob("*.pt"))
     assert files == sorted(p.name for p in b.glob("*.pt")) and "ema.pt" in files
     assert any("optim_states" in f for f in files) and "trainer_rank00001.pt" in files
     for name in files:
         assert_same_tree(torch.load(a / name, weights_only=False), torch.load(b / name, weights_only=False), name)
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path, uninterrupted):
+    codes, out = train(tmp_path, shards, EXACT + ["checkpoint.stop_at_step=6"])
+    assert codes == [EXIT_REQUEUE] * 2, out
+    assert "stopped at checkpoint.stop_at_step at step 6/16" in out
+    codes, out = train(tmp_path, shards, EXACT)
+    assert codes == [0, 0], out
+    assert "resumed from" in out and "at step 6" in out
+    assert_same_run(tmp_path / "tiny_cpu", uninterrupted)
+
+
+@pytest.mark.slow
+def test_kill_9_of_every_rank_resumes_to_the_same_run(shards, tmp_path, uninterrupted):
+    """Every rank SIGKILLed three steps after the periodic checkpoint of step 4 (at step 7, before
+    it is logged: tests/fault_train.py): the restart resumes from step 4, and everything from there
+    on equals the uninterrupted run to the bit."""
+    run = tmp_path / "tiny_cpu"
+    codes, out = train(tmp_path, shards, EXACT, script="tests/fault_train.py", env={"CVTKIT_KILL_AT_STEP": "7"})
+    assert codes == [-signal.SIGKILL] * 2, out
+    assert complete_tags(run / "checkpoints") == [tag_for(4)] and max(train_losses(run)) == 6
+    codes, out = train(tmp_path, shards, EXACT)
+    assert codes == [0, 0], out
+    assert f"resumed from {run / 'checkpoints' / tag_for(4)} at step 4" in out
+    assert_same_run(run, uninterrupted)
 
 
 @pytest.mark.slow
@@ -198,13 +233,54 @@ def test_sigusr1_saves_at_a_step_boundary_and_exits_for_requeue(shards, tmp_path
 
 
 @pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(shards, tmp_path):
+    """SIGTERM (Slurm's preemption) reaches rank 1 alone once step 3 is done (tests/fault_train.py):
+    both ranks stop after step 4, save that one checkpoint together and exit 75."""
+    codes, out = train(tmp_path, shards, ["checkpoint.every_steps=0", "log.every_steps=1"],
+                       script="tests/fault_train.py", env={"CVTKIT_SIGNAL_AT_STEP": "3:1:TERM"})
+    assert codes == [EXIT_REQUEUE] * 2, out
+    assert "stopped by signal at step 4/16" in out
+    ckpt = tmp_path / "tiny_cpu/checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step")) == complete_tags(ckpt) == [tag_for(4)]
+    assert [torch.load(ckpt / tag_for(4) / f"trainer_rank{r:05d}.pt", weights_only=True)["trainer"]["step"]
+            for r in (0, 1)] == [4, 4]
+    assert max(train_losses(tmp_path / "tiny_cpu")) == 4
+
+
+@pytest.mark.slow
+def test_submitit_usr2_to_one_rank_saves_requeues_through_submitit_and_resumes(shards, tmp_path, monkeypatch):
+    """submitit's preemption signal (USR2) reaches rank 1 alone once step 3 is done, in a job of
+    submitit's local executor: both ranks stop after step 4 and save, submitit's own handler
+    (which acts on rank 0, which never received the signal) resubmits the job, and the requeued
+    job resumes from step 4 and finishes."""
+    from cvtkit.train import submitit_job
+    from fault_train import FaultTrainJob
+    monkeypatch.setattr(submitit_job, "TrainJob", FaultTrainJob)  # the first run only: see its docstring
+    monkeypatch.setenv("CVTKIT_SIGNAL_AT_STEP", "3:1:USR2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # The tasks unpickle FaultTrainJob (from tests/) and import this checkout's cvtkit.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    job = submitit_job.submit("pretrain", train_argv(tmp_path, shards, ["checkpoint.every_steps=0", "log.every_steps=1"]),
+                              str(tmp_path / "submitit"), nodes=1, gpus_per_node=0, tasks_per_node=2, cpus_per_task=1,
+                              cluster="local")
+    codes = job.results()
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted((tmp_path / "submitit").glob("*_log.*")))
+    assert codes == [0, 0], logs
+    run = tmp_path / "tiny_cpu"
+    assert "stopped by signal at step 4/16" in logs and "Requeued job" in logs, logs
+    assert f"resumed from {run / 'checkpoints' / tag_for(4)} at step 4" in logs and "finished 16 steps" in logs
+    assert [json.loads(line)["step"] for line in (run / "starts.jsonl").read_text().splitlines()] == [0, 4]
+    assert sorted({m["step"] for m in metrics(run) if "train/loss" in m}) == list(range(1, 17))
+
+
+@pytest.mark.slow
 def test_two_rank_checkpoint_resumes_on_one_rank(shards, tmp_path):
     codes, out = train(tmp_path, shards, ["checkpoint.stop_at_step=4"])
     assert codes == [EXIT_REQUEUE] * 2, out
     ckpt = tmp_path / "tiny_cpu/checkpoints"
     loaded = dump_loaded(tmp_path, shards, nproc=1)  # the model after resharding is the saved one
     assert loaded["step"] == 4 and (ckpt / (tag_for(4) + "_universal") / COMPLETE).is_file()
-    assert_same_model(loaded["state"], consolidated_state_dict(ckpt / tag_for(4)))
+    assert_same_model(loaded, consolidated_state_dict(ckpt / tag_for(4)))
     codes, out = train(tmp_path, shards, [], nproc=1)
     assert codes == [0], out
     assert "micro batch 16 x accumulation 1 x 1 ranks" in out and "approximate" in out

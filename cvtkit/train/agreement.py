@@ -24,12 +24,13 @@ import torch
 import torch.distributed as dist
 
 # The per-step vector, summed over ranks: the sum of the finite micro-batch losses, how many
-# micro-batches had a finite loss, how many had not, ranks with a stop signal, damaged samples.
-_LOSS, _FINITE, _NONFINITE, _STOP, _DAMAGED = range(5)
+# micro-batches had a finite loss, how many had not, damaged samples, then per stop signal the
+# ranks that received it (`StopSignals.flags`).
+_LOSS, _FINITE, _NONFINITE, _DAMAGED, _STOP = range(5)
 # The running state: window sums (loss, finite count, non-finite steps), the current run of
 # non-finite steps, the longest run since the last read and the step it ended at, then the last
-# step's stop and damaged figures.
-_W_LOSS, _W_FINITE, _W_NONFINITE, _RUN, _WORST, _WORST_STEP, _W_STOP, _W_DAMAGED = range(8)
+# step's damaged figure and signal flags.
+_W_LOSS, _W_FINITE, _W_NONFINITE, _RUN, _WORST, _WORST_STEP, _W_DAMAGED, _W_STOP = range(8)
 
 
 @dataclass
@@ -40,16 +41,16 @@ class StepReport:
     nonfinite_steps: int  # steps of the window on which some rank saw a non-finite loss
     nonfinite_run: int  # the longest run of consecutive non-finite steps since the last read
     nonfinite_last: int  # the step that run ended at (0: none)
-    stop: bool  # some rank received a stop signal
+    signal_flags: list[float]  # per stop signal, the ranks that received it (`StopSignals.agreed`)
     damaged: int  # samples or shards the loaders of all ranks skipped so far
 
 
 class StepAgreement:
     """The device-side sums behind `StepReport`; every rank calls each method at the same steps."""
 
-    def __init__(self, device: torch.device):
-        self.step_sums = torch.zeros(5, dtype=torch.float64, device=device)
-        self.state = torch.zeros(8, dtype=torch.float64, device=device)
+    def __init__(self, device: torch.device, num_signals: int):
+        self.step_sums = torch.zeros(_STOP + num_signals, dtype=torch.float64, device=device)
+        self.state = torch.zeros(_W_STOP + num_signals, dtype=torch.float64, device=device)
         self.steps = 0
 
     def add_loss(self, loss: torch.Tensor) -> None:
@@ -60,10 +61,11 @@ class StepAgreement:
         self.step_sums[_FINITE] += finite
         self.step_sums[_NONFINITE] += ~finite
 
-    def end_step(self, step: int, stop: bool, damaged: int) -> None:
+    def end_step(self, step: int, signal_flags: list[float], damaged: int) -> None:
         """Close optimizer step `step`: the ranks' sums (one all-reduce), folded into the window."""
         sums, state = self.step_sums, self.state
-        sums[_STOP] = float(stop)  # host values written into the device tensor: no read
+        # host values written into the device tensor: no read
+        sums[_STOP:] = torch.tensor(signal_flags, dtype=torch.float64)
         sums[_DAMAGED] = float(damaged)
         dist.all_reduce(sums)
         bad = sums[_NONFINITE] > 0
@@ -72,6 +74,7 @@ class StepAgreement:
         state[_RUN] = (state[_RUN] + 1) * bad
         state[_WORST_STEP].masked_fill_(bad & (state[_RUN] >= state[_WORST]), step)
         state[_WORST] = torch.maximum(state[_WORST], state[_RUN])
+        state[_W_DAMAGED] = sums[_DAMAGED]
         state[_W_STOP:] = sums[_STOP:]
         sums.zero_()
         self.steps += 1
@@ -84,7 +87,7 @@ class StepAgreement:
         finite = v[_W_FINITE]
         report = StepReport(loss=v[_W_LOSS] / finite if finite else float("nan"), steps=self.steps,
                             nonfinite_steps=int(v[_W_NONFINITE]), nonfinite_run=int(v[_WORST]),
-                            nonfinite_last=int(v[_WORST_STEP]), stop=v[_W_STOP] > 0,
+                            nonfinite_last=int(v[_WORST_STEP]), signal_flags=v[_W_STOP:],
                             damaged=int(v[_W_DAMAGED]))
         self.state[_WORST] = self.state[_RUN]
         if new_window:

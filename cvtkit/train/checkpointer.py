@@ -29,6 +29,7 @@ from cvtkit.device import any_rank, barrier
 from cvtkit.errors import CvtkitError
 
 from .state import persistent_buffers
+from .reshard import untie_step_counts
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class Checkpointer:
             raise ResumeError(f"{self.ckpt_dir / load_tag}: DeepSpeed could not load this checkpoint")
         if universal:
             self._restore_buffers(engine.module, folder)
+            untie_step_counts(engine.optimizer)
         missing = set()
         own = rank_state_file(folder, self.rank)
         saved = _load(own) if own.is_file() else {}

@@ -11,17 +11,18 @@ import torch.nn as nn
 
 from cvtkit.config_loader import ConfigError
 from cvtkit.device import backend_for, local_device
-from cvtkit.dist import DistEnv, free_port
+from cvtkit.dist import DistEnv
 from cvtkit.models.factory import weight_decay_groups
 
 from .run_config import RunConfig
 
 
 def init_distributed(env: DistEnv, timeout_s: int) -> tuple[torch.device, int, int]:
-    """Start the process group (one process gets a port of its own); returns (device, rank, world)."""
+    """Start the process group; returns (device, rank, world). A single process binds its store to
+    port 0, which the system picks (no other rank needs to know it)."""
     import deepspeed
     if env.launcher == "single" and "MASTER_PORT" not in os.environ:
-        env = DistEnv(0, 0, 1, "127.0.0.1", free_port(), "single")
+        env = DistEnv(0, 0, 1, "127.0.0.1", 0, "single")
     env.export()
     device = local_device(env.local_rank)
     if device.type == "cuda":

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from cvtkit.atomic import write_text_atomic
 from cvtkit.checkpoint import (COMPLETE, PARTIAL_SUFFIX, ResumeError, find_tag_folder, refuse_unsafe_pickles,
                                universal_folder)
@@ -77,6 +79,16 @@ def convert_on_start(ckpt_dir: Path, tag: str, rank: int, timeout_s: float, poll
                               f"convert it ahead of the job: python -m cvtkit.train.reshard {ckpt_dir.parent}")
         time.sleep(poll_s)
     return target
+
+
+def untie_step_counts(optimizer) -> None:
+    """DeepSpeed 0.19's ZeRO-3 universal loading hands every sub-group of the optimizer one and
+    the same `step` tensor, which torch's Adam then advances in place once per sub-group: the step
+    count, and with it Adam's bias correction, would run ahead by the number of sub-groups at every
+    update after a change of world size. Each state gets a step count of its own."""
+    for state in getattr(optimizer, "optimizer", optimizer).state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def main(argv: list[str] | None = None) -> int:

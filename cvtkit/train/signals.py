@@ -6,10 +6,12 @@ import signal
 
 class StopSignals:
     """SIGUSR1 / SIGTERM (and SIGUSR2, submitit's) only set a flag here; the loop saves at the next
-    step boundary, where all ranks agree. The previous handler of the signal that arrived (submitit's
-    requeue, for instance) is kept and called after the save, outside the signal context."""
+    step boundary, where all ranks agree, also when the signal reached one rank only. The previous
+    handler of the agreed signal (submitit's requeue, for instance) is kept and called after the
+    save on every rank, outside the signal context."""
 
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)):
+        self.signals = tuple(signals)
         self.received: int | None = None
         self.previous: dict[int, object] = {}
         for sig in signals:
@@ -23,9 +25,19 @@ class StopSignals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def hand_over(self) -> None:
-        """Call the handler that was there before ours (e.g. submitit's checkpoint-and-requeue)."""
-        handler = self.previous.get(self.received)
+    def flags(self) -> list[float]:
+        """Per stop signal, 1.0 if this rank received it: what the ranks sum to agree."""
+        return [float(sig == self.received) for sig in self.signals]
+
+    def agreed(self, summed: list[float]) -> int | None:
+        """The signal every rank acts on, from the summed `flags`: the first (in the order above)
+        that any rank received; None when none did."""
+        return next((sig for sig, count in zip(self.signals, summed) if count > 0), None)
+
+    def hand_over(self, signum: int | None) -> None:
+        """Call the handler that was there before ours for the agreed signal, whether or not this
+        rank received it (e.g. submitit's checkpoint-and-requeue, which acts on rank 0 only)."""
+        handler = self.previous.get(signum)
         if callable(handler):
             self.restore()
-            handler(self.received, None)
+            handler(signum, None)

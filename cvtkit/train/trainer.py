@@ -252,21 +252,22 @@ class Trainer:
                    disable=not (cfg.log.progress and self.rank == 0))
         batches = self._batches()
         meter = Throughput()
-        self.agreement = StepAgreement(collective_device())
+        self.agreement = StepAgreement(collective_device(), len(signals.signals))
         # engine.train_mode=eval: frozen BN statistics and no drop path (DeiT/CeiT fine-tuning)
         self.engine.train(cfg.engine.train_mode == "train")
         while self.step < total:
             lr = self.schedule(self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            data_wait = self._train_step(batches, stop=signals.received is not None)
+            data_wait = self._train_step(batches, signals)
             meter.add(cfg.data.batch_size, data_wait)
             bar.update(1)
             log = self.step % cfg.log.every_steps == 0 or self.step == total
             if not (log or self._decides()):  # nothing to decide: queue the next step without waiting
                 continue
             report = self.agreement.read(new_window=log)
-            stop = report.stop or self.step == cfg.checkpoint.stop_at_step
+            signal = signals.agreed(report.signal_flags)
+            stop = signal is not None or self.step == cfg.checkpoint.stop_at_step
             self._check_health(report, lr)
             bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{lr:.2e}")
             if log:
@@ -278,10 +279,10 @@ class Trainer:
                 self._save()
             if stop:
                 bar.close()
-                why = "by signal" if signals.received is not None else "at checkpoint.stop_at_step"
+                why = "by signal" if signal is not None else "at checkpoint.stop_at_step"
                 self._info(f"stopped {why} at step {self.step}/{total}; checkpoint saved, exiting with "
                            f"{EXIT_REQUEUE} to be resumed")
-                signals.hand_over()  # e.g. submitit's checkpoint-and-requeue
+                signals.hand_over(signal)  # e.g. submitit's checkpoint-and-requeue
                 return EXIT_REQUEUE
         bar.close()
         self.validate()
@@ -292,7 +293,7 @@ class Trainer:
         while True:
             yield from self.loader
 
-    def _train_step(self, batches, stop: bool) -> float:
+    def _train_step(self, batches, signals: StopSignals) -> float:
         """One optimizer step over `accum` micro-batches and the ranks' agreement on it, without
         reading anything back from the device; returns the seconds spent waiting for data."""
         data_wait = 0.0
@@ -309,7 +310,7 @@ class Trainer:
         average_across_ranks(self.buffers_to_average)
         if self.ema is not None and self.step % self.cfg.ema.every_steps == 0:
             self.ema.update(self.engine.module)
-        self.agreement.end_step(self.step, stop, getattr(self.loader, "damaged", 0))
+        self.agreement.end_step(self.step, signals.flags(), getattr(self.loader, "damaged", 0))
         return data_wait
 
     def _decides(self) -> bool:
