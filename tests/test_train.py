@@ -17,7 +17,6 @@ from cvtkit.train.run_config import RunConfig
 from cvtkit.train.schedule import Schedule
 from cvtkit.train.trainer import EXIT_REQUEUE
 
-from cvtkit.dist import free_port
 from cvtkit.models.factory import build_model
 
 from helpers import (REPO, TINY_CONFIG, assert_same_model, dump_loaded, make_tiny_shards, metrics,
@@ -248,6 +247,19 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(shards, tmp_path)
 
 
 @pytest.mark.slow
+def test_a_stop_signal_acts_at_the_next_agreement_read_not_the_next_log_step(shards, tmp_path):
+    """The loop reads the ranks' agreement every `checkpoint.signal_check_steps` (here 3) besides
+    log steps (here every 8): SIGTERM reaching rank 1 once step 4 is done stops both ranks at
+    step 6, not at the log step 8."""
+    overrides = ["checkpoint.every_steps=0", "log.every_steps=8", "checkpoint.signal_check_steps=3"]
+    codes, out = train(tmp_path, shards, overrides, script="tests/fault_train.py",
+                       env={"CVTKIT_SIGNAL_AT_STEP": "4:1:TERM"})
+    assert codes == [EXIT_REQUEUE] * 2, out
+    assert "stopped by signal at step 6/16" in out
+    assert complete_tags(tmp_path / "tiny_cpu/checkpoints") == [tag_for(6)]
+
+
+@pytest.mark.slow
 def test_submitit_usr2_to_one_rank_saves_requeues_through_submitit_and_resumes(shards, tmp_path, monkeypatch):
     """submitit's preemption signal (USR2) reaches rank 1 alone once step 3 is done, in a job of
     submitit's local executor: both ranks stop after step 4 and save, submitit's own handler
@@ -303,8 +315,10 @@ def start_without_peers(argv: list[str]) -> tuple[int, str]:
     """Rank 0 of a two-rank job whose rank 1 never starts: it can only end (rather than wait for
     rank 1 in the process group's rendezvous, until `engine.dist_timeout_s`) when it ends before
     any process group exists."""
+    # Port 0: no rendezvous is meant to happen; one that did would wait for rank 1 on a port of
+    # the system's choosing.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-           "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+           "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
     proc = subprocess.Popen([sys.executable, str(REPO / "pretrain/train.py"), *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
