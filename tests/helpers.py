@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -119,21 +118,6 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in metrics(run_dir) if "train/loss" in m}
-
-
-def signal_when_step(procs: list[subprocess.Popen], run_dir: Path, step: int, sig=signal.SIGUSR1,
-                     timeout: float = 240) -> None:
-    """Send `sig` to every rank once `metrics.jsonl` has a record at or past `step`."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if any(m.get("step", 0) >= step for m in metrics(run_dir)):
-            for p in procs:
-                p.send_signal(sig)
-            return
-        if any(p.poll() is not None for p in procs):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{run_dir}: step {step} not reached in {timeout} s")
 
 
 def assert_same_model(loaded: dict, saved: dict) -> None:
