@@ -117,10 +117,12 @@ def test_resume_mid_epoch_continues_without_repeats_or_gaps(shards, workers, sto
 
 
 def test_resume_on_another_world_size_is_logged(shards, caplog):
+    # 5 batches of 3 on each of 2 ranks: 30 samples of the epoch; 1 rank x batch 4 continues after
+    # 30 // 4 = 7 batches (not 5: the count is global, not this rank's batches).
     loader = WdsLoader(ShardSet.from_info(shards, "train"), 4, 0, 1, workers=0)
     with caplog.at_level(logging.WARNING):
-        loader.load_state_dict({"epoch": 2, "batches_done": 6, "world_size": 2, "batch_size": 2, "seed": 0})
-    assert loader.batches_done == 6 and loader.epoch == 2
+        loader.load_state_dict({"epoch": 2, "batches_done": 5, "world_size": 2, "batch_size": 3, "seed": 0})
+    assert loader.batches_done == 7 and loader.epoch == 2
     assert "order is approximate" in caplog.text
 
 
