@@ -43,7 +43,7 @@ from cvtkit.rng import host_seeded
 
 from cvtkit.shards import ShardFolderError, ShardSet
 
-from .position import EpochLoader
+from .position import EpochLoader, LoaderStateError
 from .slots import SlotLayout, slot_plan
 
 log = logging.getLogger(__name__)
@@ -162,9 +162,10 @@ class _EvalStream(_Reader):
 
 
 class _TrainPieces(_Reader):
-    """Training: the pieces (`take` samples of one slot for one step) of a rank's slots that this
-    worker owns, as (rank batch index, slot index in its unit, collated samples), in batch order,
-    from `skip` batches into the epoch."""
+    """Training: for each rank batch from `skip` on, this worker's part of it, as (batch index,
+    first slot of the part in its unit, the collated samples of the worker's slots of that unit in
+    slot order). The rank's slots are dealt to the workers in contiguous blocks, so each worker's
+    part is one run of slots and the parts of a batch join in worker order, one message each."""
 
     def __init__(self, layout: SlotLayout, world_size: int, steps: int, skip: int, *args):
         super().__init__(*args)
@@ -175,16 +176,18 @@ class _TrainPieces(_Reader):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         layout, accum = self.layout, self.accum
         first_step, first_unit = divmod(self.skip, accum)
-        streams = {}
+        mine: dict[int, list] = {}  # unit in the rank -> [(slot index in the unit, first step, samples)]
         for a in range(accum):
             start = first_step + (a < first_unit)  # this step's earlier units were delivered
             for j, slot in enumerate(layout.unit_slots(self.rank * accum + a)):
-                if (a * layout.per_unit + j) % workers == worker and start < self.steps:
-                    streams[(a, j)] = (start, self._slot_samples(slot, start * layout.take, info is None))
+                if (a * layout.per_unit + j) * workers // (accum * layout.per_unit) == worker:
+                    mine.setdefault(a, []).append((j, start, self._slot_samples(slot, start * layout.take,
+                                                                                 info is None)))
         for step in range(first_step, self.steps):
-            for (a, j), (start, samples) in streams.items():
-                if step >= start:
-                    yield step * accum + a, j, _collate(list(itertools.islice(samples, layout.take)))
+            for a, streams in mine.items():
+                if step >= streams[0][1]:
+                    samples = [s for _, _, stream in streams for s in itertools.islice(stream, layout.take)]
+                    yield step * accum + a, streams[0][0], _collate(samples)
 
     def _slot_samples(self, slot: int, first: int, restore: bool):
         ids, stride, phase = self._plan(self.layout.slots, slot, True)
@@ -292,11 +295,11 @@ class WdsLoader(EpochLoader):
         pieces = _TrainPieces(self.layout, self.world_size, steps, skip, *common)
         pending: dict[int, dict[int, tuple]] = {}
         following = skip
-        for batch, j, piece in self._loader(pieces, min(self.workers, self.accum * self.layout.per_unit), None):
-            pending.setdefault(batch, {})[j] = piece
-            while len(pending.get(following, ())) == self.layout.per_unit:
+        for batch, first, part in self._loader(pieces, min(self.workers, self.accum * self.layout.per_unit), None):
+            pending.setdefault(batch, {})[first] = part
+            while sum(len(p[1]) for p in pending.get(following, {}).values()) == self.batch_size:
                 parts = pending.pop(following)
-                yield _joined([parts[k] for k in range(self.layout.per_unit)])
+                yield _joined([parts[j] for j in sorted(parts)])
                 following += 1
 
     def _loader(self, dataset, workers: int, batch_size: int | None):
@@ -305,7 +308,3 @@ class WdsLoader(EpochLoader):
         return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                           collate_fn=_collate if batch_size else None,
                           generator=torch.Generator().manual_seed(self.seed))
-
-
-class LoaderStateError(CvtkitError):
-    """A checkpoint's loader position that this run's data layout cannot continue exactly."""
