@@ -32,7 +32,8 @@ class DataConfig:
     workers: int = 4  # per rank
     shuffle_buffer: int = 2000  # raw samples per slot (wds, dali)
     # wds: the virtual slots of the sample order (`cvtkit.data.slots`); 0: the checkpoint's, or for
-    # a fresh run as many as divide the global batch up to 256, at least one per micro-batch
+    # a fresh run as many as divide the global batch up to 256 and the shard count, at least one
+    # per micro-batch
     slots: int = 0
     trace: bool = False  # write RUN/trace.jsonl: the sample keys of every optimizer step (rank 0)
     # Validation decodes large JPEGs at a reduced DCT scale: faster, not pixel-exact to the

@@ -31,11 +31,14 @@ def slot_plan(num_shards: int, slots: int, slot: int) -> tuple[list[int], int, i
     return [shard], sharing, slot // num_shards
 
 
-def default_slots(global_batch: int, micro: int) -> int:
-    """The slots of a run that does not set `data.slots`: as many as divide the global batch up to
-    256, and at least one per micro-batch unit."""
+def default_slots(global_batch: int, micro: int, shards: int = 0) -> int:
+    """The slots of a run that does not set `data.slots`: the most that divide the global batch, up
+    to 256 and (given `shards`) up to the number of shards, so that no two slots read one shard
+    (each would read all of it to keep its part); at least one per micro-batch unit."""
     units = global_batch // micro
-    return units * math.gcd(global_batch, DEFAULT_MAX_SLOTS) // math.gcd(units, math.gcd(global_batch, DEFAULT_MAX_SLOTS))
+    cap = min(DEFAULT_MAX_SLOTS, shards) if shards else DEFAULT_MAX_SLOTS
+    fits = [v for v in range(units, global_batch + 1, units) if global_batch % v == 0 and v <= cap]
+    return max(fits, default=units)
 
 
 @dataclass(frozen=True)
@@ -46,14 +49,14 @@ class SlotLayout:
     slots: int
 
     @classmethod
-    def make(cls, global_batch: int, micro: int, slots: int = 0) -> "SlotLayout":
+    def make(cls, global_batch: int, micro: int, slots: int = 0, shards: int = 0) -> "SlotLayout":
         """`slots` 0: `default_slots`. A layout that cannot be cut is a one-line error."""
-        slots = slots or default_slots(global_batch, micro)
+        slots = slots or default_slots(global_batch, micro, shards)
         units = global_batch // micro
         if global_batch % micro or global_batch % slots or slots % units:
             raise ConfigError(f"data.slots={slots}: the global batch {global_batch} in micro-batches of "
                               f"{micro} needs a slot count that divides {global_batch} and is a multiple "
-                              f"of {units} (e.g. {default_slots(global_batch, micro)})")
+                              f"of {units} (e.g. {default_slots(global_batch, micro, shards)})")
         return cls(global_batch, micro, slots)
 
     @property

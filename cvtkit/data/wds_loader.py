@@ -232,7 +232,7 @@ class WdsLoader(EpochLoader):
                  decode_min_side: int = 0, global_batch: int = 0, slots: int = 0):
         """`batch_size`: the micro batch; `global_batch`: the samples of an optimizer step (0:
         `batch_size x world_size`, no accumulation); `slots`: the slot count (0: the checkpoint's
-        when a state is loaded, else `slots.default_slots`). `decode_min_side`: the smallest
+        when a state is loaded, else `slots.default_slots` for this many shards). `decode_min_side`: the smallest
         shorter side the transform needs (see `transforms.min_decode_side`); 0 decodes every
         image at full size."""
         self.global_batch = global_batch or batch_size * world_size
@@ -243,7 +243,7 @@ class WdsLoader(EpochLoader):
         self.workers, self.seed, self.transform, self.train = workers, seed, transform, train
         self.shuffle_buffer, self.with_keys = shuffle_buffer, with_keys
         self.decode_min_side, self.slots = decode_min_side, slots
-        self.layout = SlotLayout.make(self.global_batch, batch_size, slots) if train else None
+        self.layout = SlotLayout.make(self.global_batch, batch_size, slots, len(shards.urls)) if train else None
         self.accum = self.layout.accumulation(world_size) if train else 1
         self._start_position()
         self._damaged = multiprocessing.Value("q", 0)
