@@ -89,3 +89,14 @@ def test_one_ffcv_loader_per_run_and_the_trainers_threads_kept(betons, monkeypat
         torch.set_num_threads(threads)
     assert len(built) == 1 and loader.epoch == 3
     assert all(len(e) == 5 for e in epochs) and epochs[0] != epochs[1]
+
+
+def test_another_world_size_is_refused_with_the_reason(betons):
+    """ffcv's order is dealt by rank: a position from 2 ranks is refused on 1, not continued in
+    another order."""
+    from cvtkit.data.position import LoaderStateError
+    state = FfcvLoader(str(betons / "train.beton"), 4, 32, 0, 2, workers=1, seed=5).state_dict()
+    with pytest.raises(LoaderStateError, match="FfcvLoader deals each epoch's samples by rank, so a position "
+                                               "saved on 2 ranks x micro batch 4 continues in the same order "
+                                               "only there"):
+        FfcvLoader(str(betons / "train.beton"), 4, 32, 0, 1, workers=1, seed=5).load_state_dict(state)

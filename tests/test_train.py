@@ -295,7 +295,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(shards, tmp_path):
     assert_same_model(loaded, consolidated_state_dict(ckpt / tag_for(4)))
     codes, out = train(tmp_path, shards, [], nproc=1)
     assert codes == [0], out
-    assert "micro batch 16 x accumulation 1 x 1 ranks" in out and "approximate" in out
+    assert "micro batch 16 x accumulation 1 x 1 ranks" in out
     assert "at step 4" in out and "finished 16 steps" in out
     # the conversion is pruned with its checkpoint once newer ones are complete
     assert complete_tags(tmp_path / "tiny_cpu/checkpoints") == [tag_for(12), tag_for(16)]

@@ -116,14 +116,82 @@ def test_resume_mid_epoch_continues_without_repeats_or_gaps(shards, workers, sto
     assert second.epoch == 1 and second.batches_done == 0  # the epoch ended normally
 
 
-def test_resume_on_another_world_size_is_logged(shards, caplog):
-    # 5 batches of 3 on each of 2 ranks: 30 samples of the epoch; 1 rank x batch 4 continues after
-    # 30 // 4 = 7 batches (not 5: the count is global, not this rank's batches).
-    loader = WdsLoader(ShardSet.from_info(shards, "train"), 4, 0, 1, workers=0)
-    with caplog.at_level(logging.WARNING):
-        loader.load_state_dict({"epoch": 2, "batches_done": 5, "world_size": 2, "batch_size": 3, "seed": 0})
-    assert loader.batches_done == 7 and loader.epoch == 2
-    assert "order is approximate" in caplog.text
+def global_steps(shards, world, workers, global_batch=16, micro=4, state=None, steps=None, slots=0):
+    """The key lists of each micro-batch of each global step, rank by rank, from `state` on; and
+    the state after `steps` steps (None: to the end of the epoch)."""
+    accum = global_batch // micro // world
+    loaders = [WdsLoader(ShardSet.from_info(shards, "train"), micro, rank, world, workers, seed=3,
+                         with_keys=True, global_batch=global_batch, slots=slots) for rank in range(world)]
+    for loader in loaders:
+        if state is not None:
+            loader.load_state_dict(state)
+    limit = None if steps is None else steps * accum
+    per_rank = [keys_of(loader, limit) for loader in loaders]
+    states = [loader.state_dict() for loader in loaders]
+    assert all(s == states[0] for s in states), "the position is the same on every rank"
+    return [[b for r in range(world) for b in per_rank[r][s * accum:(s + 1) * accum]]
+            for s in range(len(per_rank[0]) // accum)], states[0]
+
+
+def test_order_does_not_depend_on_world_size_or_workers(shards):
+    """Each global step's micro-batches hold the same samples on 1, 2 or 4 ranks, with any workers."""
+    reference, _ = global_steps(shards, 1, 0)
+    assert len(reference) == 40 // 16 and all(len(step) == 4 for step in reference)
+    for world, workers in [(2, 0), (4, 2), (2, 3), (1, 2)]:
+        assert global_steps(shards, world, workers)[0] == reference, (world, workers)
+
+
+@pytest.mark.parametrize("stop", [1, 5, 6, 7])
+def test_resume_on_other_world_sizes_continues_the_same_steps(shards, stop):
+    """4 ranks stopped after `stop` steps (epochs of 2 steps: mid-epoch; one step before, at and
+    one after the boundary at step 6), resumed on 2, stopped a step later, resumed on 1 (other
+    workers each time): the steps of an uninterrupted run on 1 rank, the next epochs' included."""
+    def epochs(world, workers, state, count):
+        steps = []
+        for _ in range(count):
+            more, state = global_steps(shards, world, workers, state=state)
+            steps += more
+        return steps, state
+    reference, _ = epochs(1, 0, None, 5)
+    head = []
+    state = None
+    while len(head) < stop:  # across epochs, as the trainer's endless iteration
+        more, state = global_steps(shards, 4, 2, state=state, steps=min(stop - len(head), 2))
+        head += more
+    middle, state = global_steps(shards, 2, 0, state=state, steps=1)
+    if not middle:  # stopped at the end of an epoch: the next step is the next epoch's first
+        middle, state = global_steps(shards, 2, 0, state=state, steps=1)
+    tail, _ = epochs(1, 3, state, 2)
+    assert (head + middle + tail)[:len(reference)] == reference[:len(head + middle + tail)]
+    assert len(head + middle + tail) > stop + 1
+
+
+def test_a_whole_epoch_sees_every_sample_exactly_once(tmp_path):
+    """48 samples in 12 shards of 4, global batch 12: on 3 ranks and on 1, with one or two shards
+    per slot, every training sample once per epoch, none lost."""
+    from helpers import make_tiny_shards
+    folder = make_tiny_shards(tmp_path, per_class=12, shard_samples=4)
+    everything = all_keys(folder, "train")
+    assert len(everything) == 48
+    for world, slots in [(3, 0), (1, 0), (3, 6)]:
+        steps, state = global_steps(folder, world, 0, global_batch=12, micro=4, slots=slots)
+        keys = [k for step in steps for batch in step for k in batch]
+        assert len(keys) == 48 and set(keys) == everything, (world, slots)
+        assert state["epoch"] == 1 and state["slots"] == (slots or 12)
+
+
+def test_a_world_size_that_cannot_keep_the_order_is_refused(shards):
+    from cvtkit.config_loader import ConfigError
+    from cvtkit.data.wds_loader import LoaderStateError
+    with pytest.raises(ConfigError, match="3 ranks cannot serve the 4 micro-batches of 4 of each global "
+                                          "batch of 16 in the same order; the world sizes that can: 1, 2, 4$"):
+        WdsLoader(ShardSet.from_info(shards, "train"), 4, 0, 3, 0, global_batch=16)
+    with pytest.raises(ConfigError, match="data.slots=6: .* divides 16 and is a multiple of 4"):
+        WdsLoader(ShardSet.from_info(shards, "train"), 4, 0, 1, 0, global_batch=16, slots=6)
+    _, state = global_steps(shards, 2, 0, steps=1)
+    loader = WdsLoader(ShardSet.from_info(shards, "train"), 4, 0, 1, 0, global_batch=16, slots=8)
+    with pytest.raises(LoaderStateError, match="the checkpoint's sample order has 4 slots"):
+        loader.load_state_dict(state)
 
 
 def test_batches_carry_transformed_images(shards):
@@ -139,7 +207,7 @@ def test_bad_shard_sets_fail_clearly(shards, tmp_path):
         ShardSet.from_info(str(tmp_path), "train")
     with pytest.raises(ShardFolderError, match="no split 'test'"):
         ShardSet.from_info(shards, "test")
-    with pytest.raises(ShardFolderError, match="cannot give one batch of 64 to each of 2 ranks"):
+    with pytest.raises(ShardFolderError, match="cannot give one global batch of 128"):
         WdsLoader(ShardSet.from_info(shards, "train"), 64, 0, 2)
 
 

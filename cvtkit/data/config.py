@@ -30,7 +30,12 @@ class DataConfig:
     batch_size: int = 256  # global
     eval_batch: int = 64  # per rank
     workers: int = 4  # per rank
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = 2000  # raw samples per slot (wds, dali)
+    # wds: the virtual slots of the sample order (`cvtkit.data.slots`); 0: the checkpoint's, or for
+    # a fresh run as many as divide the global batch up to 256 and the shard count, at least one
+    # per micro-batch
+    slots: int = 0
+    trace: bool = False  # write RUN/trace.jsonl: the sample keys of every optimizer step (rank 0)
     # Validation decodes large JPEGs at a reduced DCT scale: faster, not pixel-exact to the
     # official full decode + resize (docs/evaluation.md).
     eval_reduced_decode: bool = False
@@ -45,6 +50,7 @@ class DataConfig:
         # Only the webdataset loader's decoder hands RandAugment's draws over to the device.
         require(self.format == "wds" or self.augment.randaugment_on == "cpu", "format",
                 "wds with augment.randaugment_on: device", self.format)
+        require(self.slots >= 0, "slots", ">= 0 (0: the default layout)", self.slots)
 
     @property
     def eval_size(self) -> int:
@@ -103,12 +109,14 @@ class RunData:
                               augment=cfg.augment, shuffle_buffer=cfg.shuffle_buffer)
         from .wds_loader import WdsLoader
         decoder = train_decoder(cfg.augment, cfg.res)  # the DeiT recipe straight from JPEG bytes
+        order = dict(global_batch=cfg.batch_size, slots=cfg.slots, with_keys=cfg.trace)
         if decoder is not None:
             return WdsLoader(shards, micro_batch, rank, world_size, cfg.workers, seed, transform=decoder,
-                             train=True, shuffle_buffer=cfg.shuffle_buffer)
+                             train=True, shuffle_buffer=cfg.shuffle_buffer, **order)
         return WdsLoader(shards, micro_batch, rank, world_size, cfg.workers, seed,
                          transform=train_transform(cfg.augment, cfg.res, normalize=False), train=True,
-                         shuffle_buffer=cfg.shuffle_buffer, decode_min_side=min_decode_side(cfg.res, cfg.augment))
+                         shuffle_buffer=cfg.shuffle_buffer, decode_min_side=min_decode_side(cfg.res, cfg.augment),
+                         **order)
 
     def val_loader(self, eval_cfg: EvalConfig, rank: int, world_size: int):
         cfg = self.cfg

@@ -16,9 +16,9 @@ The loader contract, as `WdsLoader`'s:
   short wraps around them (DALI's reader is an endless stream), as WdsLoader cycles;
 - resume: exact at a batch boundary on the same world size and batch: the state holds DALI's
   own checkpoint of the epoch's pipeline (reader position, shuffle buffer, every random
-  operator's state), and the resumed pipeline continues with the very same batches; on another
-  world size or batch, the epoch continues from the same global sample count with a fresh
-  pipeline (logged as approximate, as WdsLoader does);
+  operator's state), and the resumed pipeline continues with the very same batches; another
+  world size or batch is refused with one line (the order is dealt by rank, unlike WdsLoader's
+  slot layout);
 - labels: `cls`; a split labelled from each sample's `json` (timm's `train_12k`) is refused
   (`check_labels`);
 - validation is not done here: `RunData.val_loader` uses WdsLoader and PIL, pixel-exact to the
@@ -50,7 +50,8 @@ from .dali_index_cache import UnindexableShard, shard_index
 from cvtkit.shards import ShardFolderError, ShardSet
 from .transforms import AugmentConfig
 from .position import EpochLoader
-from .wds_loader import DamagedData, slot_plan
+from .slots import slot_plan
+from .wds_loader import DamagedData
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +135,12 @@ class DaliLoader(EpochLoader):
                 "dali": None if checkpoint is None else torch.frombuffer(bytearray(checkpoint), dtype=torch.uint8)}
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        exact = state["world_size"] == self.world_size and state["batch_size"] == self.batch_size
+        super().load_state_dict(state)  # refuses another world size or batch
         saved = state.get("dali")
-        if exact and self.batches_done and saved is None:
+        if self.batches_done and saved is None:
             log.warning("resuming epoch %d at batch %d without DALI's checkpoint (a WdsLoader state?): "
                         "a fresh pipeline; the sample order is approximate", self.epoch, self.batches_done)
-        self._checkpoint = saved.numpy().tobytes() if exact and self.batches_done and saved is not None else None
+        self._checkpoint = saved.numpy().tobytes() if self.batches_done and saved is not None else None
         self._pipe = None
 
     def plan(self, epoch: int) -> EpochPlan:

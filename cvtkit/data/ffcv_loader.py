@@ -5,7 +5,8 @@ needs a process group; here each rank computes its indices itself and hands them
 epoch, to one ffcv Loader built (and compiled) once per run:
 - training: a permutation by (seed, epoch), cut to a multiple of world_size x batch_size, rank r
   taking every world_size-th; a resumed epoch starts after the batches already delivered, which
-  are therefore never decoded;
+  are therefore never decoded; the order is dealt by rank, so another world size or batch is
+  refused with one line (`position.resume_position`);
 - evaluation: indices r, r + world_size, ... in file order: each sample exactly once.
 Pipelines use what ffcv offers of the recipes: random resized crop + flip for training (no
 RandAugment or random erasing in ffcv), centre crop for evaluation; images come out uint8

@@ -14,24 +14,24 @@ after the first `skip` (`_epoch_batches`); this base alone moves the position.
 """
 from __future__ import annotations
 
-import logging
 from typing import Iterator
 
-log = logging.getLogger(__name__)
+from cvtkit.errors import CvtkitError
 
 
-def resume_position(state: dict, world_size: int, batch_size: int) -> tuple[int, int]:
-    """(epoch, batches already delivered) for a loader state saved by this or another layout.
+class LoaderStateError(CvtkitError):
+    """A checkpoint's loader position that this run cannot continue in the same sample order."""
 
-    Same world size and batch: exact. Otherwise the same global sample count, logged as
-    approximate (which samples each rank saw differs)."""
+
+def resume_position(state: dict, world_size: int, batch_size: int, loader: str) -> tuple[int, int]:
+    """(epoch, batches already delivered) for a loader state saved with the same layout. A loader
+    whose order is cut by rank (ffcv, DALI) cannot continue it on another one: one-line error."""
     if state["world_size"] == world_size and state["batch_size"] == batch_size:
         return state["epoch"], state["batches_done"]
-    global_done = state["batches_done"] * state["batch_size"] * state["world_size"]
-    log.warning("resuming epoch %d on %d ranks x batch %d (was %d x %d): continuing from global "
-                "sample %d; the sample order is approximate", state["epoch"], world_size,
-                batch_size, state["world_size"], state["batch_size"], global_done)
-    return state["epoch"], global_done // (world_size * batch_size)
+    raise LoaderStateError(f"{loader} deals each epoch's samples by rank, so a position saved on "
+                           f"{state['world_size']} ranks x micro batch {state['batch_size']} continues "
+                           f"in the same order only there (this run: {world_size} x {batch_size}); "
+                           f"resume there, or train with data.format wds, whose order does not depend on it")
 
 
 class EpochLoader:
@@ -66,7 +66,7 @@ class EpochLoader:
                 "batch_size": self.batch_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_done = resume_position(state, self.world_size, self.batch_size)
+        self.epoch, self.batches_done = resume_position(state, self.world_size, self.batch_size, type(self).__name__)
 
     def __iter__(self):
         if not self.train:

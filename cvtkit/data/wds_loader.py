@@ -1,23 +1,26 @@
-"""Webdataset loaders: balanced across ranks and workers, deterministic, resumable mid-epoch.
+"""Webdataset loaders: deterministic, resumable mid-epoch, and, for training, in a sample order
+that does not depend on the number of ranks or of loader workers.
 
-Every (rank, worker) pair is a *slot*; `slots = world_size * num_workers`. For each epoch the shard
-list is shuffled with (seed, epoch), the same on every rank, and dealt to the slots:
-- with at least as many shards as slots, slot s reads shards s, s + slots, ...;
-- with fewer, the slots sharing a shard take every k-th sample of it, so no slot is empty.
-Training: every rank delivers exactly `num_samples // (world_size * batch_size)` batches, split
-over its workers so that batch b comes from worker b % num_workers (DataLoader's round robin);
-a slot whose data runs short cycles over it again (as timm does), so no rank ever waits on
-another. Each slot shuffles raw samples in a buffer seeded by (seed, epoch, slot), before decoding.
-Resume: the position is the number of batches delivered in the epoch; a restarted worker skips its
-share of raw samples without decoding them, so the continued epoch equals an uninterrupted one.
-Evaluation: no shuffle, no cycling: every sample exactly once across all ranks.
+Training (`cvtkit.data.slots`): the run's virtual slots each read their share of the epoch's
+shuffled shard list (`slot_plan`), shuffle raw samples in their own buffer seeded by (seed, epoch,
+slot), and seed each sample's augmentation by (seed, epoch, slot, place in the slot's stream); a
+global step takes `take` samples from every slot, and rank r at accumulation step a delivers the
+micro-batch unit r * A + a, made of its slots' pieces in slot order. A rank's slots are dealt to
+its workers (slot i to worker i % workers; more workers than slots stay idle), each worker collates
+its pieces into shared memory, and the rank puts the pieces of each micro-batch together in order.
+Every rank delivers `len(loader)` = steps per epoch x accumulation batches; a slot whose data runs
+short cycles over it again (as timm does). Memory: each slot holds `shuffle_buffer` raw samples,
+so a rank holds slots / world_size buffers.
+Resume: the position is global (epoch, steps done), the same on every rank; a resumed slot skips
+its consumed raw samples without decoding them, so the continued epoch equals an uninterrupted one
+on any world size that divides the units and with any number of workers.
+Evaluation: every (rank, worker) pair reads a disjoint share, no shuffle, no cycling: every sample
+exactly once across all ranks.
 Transforms: a PIL transform gets the decoded image; one marked `takes_bytes`
-(`transforms.train_decoder`) gets the JPEG bytes and decodes only what its crop needs. Workers
-collate into shared memory, so a batch reaches the trainer's process without another copy.
+(`transforms.train_decoder`) gets the JPEG bytes and decodes only what its crop needs.
 Damage: a sample that does not decode, or a shard that cannot be read (truncated, corrupt), is
-skipped with a warning and counted (`WdsLoader.damaged`), and only that (an error in a transform's
-own code is a bug, with its traceback); training draws the next sample instead, so every rank
-still delivers its batches. Resume stays exact on undamaged data; after a skip the
+skipped with a warning and counted (`WdsLoader.damaged`); training draws the next sample instead,
+so every rank still delivers its batches. Resume stays exact on undamaged data; after a skip the
 resumed epoch can be off by the samples skipped before the stop.
 """
 from __future__ import annotations
@@ -41,18 +44,10 @@ from cvtkit.rng import host_seeded
 
 from cvtkit.shards import ShardFolderError, ShardSet
 
-from .position import EpochLoader
+from .position import EpochLoader, LoaderStateError
+from .slots import SlotLayout, slot_plan
 
 log = logging.getLogger(__name__)
-
-
-def slot_plan(num_shards: int, slots: int, slot: int) -> tuple[list[int], int, int]:
-    """Which shards slot `slot` reads, and the sample stride and phase within them."""
-    if num_shards >= slots:
-        return list(range(slot, num_shards, slots)), 1, 0
-    shard = slot % num_shards
-    sharing = len(range(shard, slots, num_shards))  # slots that read this shard
-    return [shard], sharing, slot // num_shards
 
 
 def _decode(sample: dict, min_side: int = 0, reading=contextlib.nullcontext) -> tuple[Image.Image, int, str]:
@@ -94,14 +89,14 @@ def _reading_bytes():
         raise _Unreadable from e
 
 
-class _SlotStream(IterableDataset):
-    def __init__(self, shards: ShardSet, rank: int, world_size: int, batch_size: int, seed: int,
-                 epoch: int, transform: Callable | None, train: bool, shuffle_buffer: int,
-                 skip_batches: int, with_keys: bool, decode_min_side: int, damaged):
-        self.shards, self.rank, self.world_size = shards, rank, world_size
-        self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
-        self.transform, self.train, self.shuffle_buffer = transform, train, shuffle_buffer
-        self.skip_batches, self.with_keys = skip_batches, with_keys
+class _Reader(IterableDataset):
+    """What the training and evaluation streams share: raw samples of a slot's shards, damage
+    counting, decoding and the transform."""
+
+    def __init__(self, shards: ShardSet, rank: int, seed: int, epoch: int, transform: Callable | None,
+                 shuffle_buffer: int, with_keys: bool, decode_min_side: int, damaged):
+        self.shards, self.rank, self.seed, self.epoch = shards, rank, seed, epoch
+        self.transform, self.shuffle_buffer, self.with_keys = transform, shuffle_buffer, with_keys
         self.decode_min_side = decode_min_side
         self.damaged = damaged  # a multiprocessing.Value shared with the workers
 
@@ -115,6 +110,14 @@ class _SlotStream(IterableDataset):
         """webdataset's handler: a shard that cannot be read (or read to its end) is skipped."""
         self._count_damage("unreadable shard data", error)
         return True
+
+    def _plan(self, slots: int, slot: int, shuffled: bool) -> tuple[list[int], int, int]:
+        """The shards of `slot` among `slots` in this epoch (shuffled by (seed, epoch) for training)."""
+        order = list(range(len(self.shards.urls)))
+        if shuffled:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        ids, stride, phase = slot_plan(len(order), slots, slot)
+        return [order[i] for i in ids], stride, phase
 
     def _raw(self, shard_ids: list[int], stride: int, phase: int) -> Iterator[dict]:
         urls = [{"url": self.shards.urls[i]} for i in shard_ids]
@@ -135,37 +138,14 @@ class _SlotStream(IterableDataset):
             if count == 0:
                 raise DamagedData(f"no readable sample in {', '.join(self.shards.urls[i] for i in shard_ids)}")
 
-    def __iter__(self):
-        info = get_worker_info()
-        workers, physical = (info.num_workers, info.id) if info else (1, 0)
-        # DataLoader takes batches round robin from workers 0, 1, ...; after `skip_batches` the
-        # next batch belongs to worker skip_batches % workers, so a resumed loader's worker 0 plays
-        # that role and the order carries on unchanged.
-        worker = (physical + self.skip_batches) % workers
-        slots, slot = self.world_size * workers, self.rank * workers + worker
-        order = list(range(len(self.shards.urls)))
-        if self.train:
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-        ids, stride, phase = slot_plan(len(order), slots, slot)
-        ids = [order[i] for i in ids]
-        if not self.train:
-            stream: Iterator[dict] = self._raw(ids, stride, phase)
-            first, quota = 0, None
-        else:
-            per_rank = self.shards.num_samples // (self.world_size * self.batch_size)
-            my_batches = per_rank // workers + (worker < per_rank % workers)
-            # Shuffle raw bytes within each pass, cycling so that a short slot still fills its quota.
-            shuffled = self._cycled(ids, stride, phase, random.Random(f"{self.seed}:{self.epoch}:{slot}"))
-            done = self.skip_batches // workers + (worker < self.skip_batches % workers)
-            first, quota = done * self.batch_size, (my_batches - done) * self.batch_size
-            stream = itertools.islice(shuffled, first, None)
+    def _samples(self, stream: Iterator[dict], ids: list[int], stride: int, first: int,
+                 seed_name: str | None, restore: bool):
+        """(image, label, key) of each readable sample of `stream`, whose first has index `first`;
+        with `seed_name`, each sample's augmentation is seeded by (seed_name, index)."""
         slot_samples = sum(self.shards.lengths[i] for i in ids) // stride + 1
-        delivered = bad_in_a_row = 0
-        if quota is not None and quota <= 0:
-            return
+        bad_in_a_row = 0
         for index, sample in enumerate(stream, start=first):
-            with host_seeded(_sample_seed(f"{self.seed}:{self.epoch}:{slot}:{index}" if self.train else None),
-                             restore=info is None):
+            with host_seeded(_sample_seed(None if seed_name is None else f"{seed_name}:{index}"), restore=restore):
                 try:
                     img, label, key = self._load(sample)
                 except _Unreadable as e:
@@ -178,10 +158,7 @@ class _SlotStream(IterableDataset):
                 if self.transform is not None:
                     img = self.transform(img)
             bad_in_a_row = 0
-            delivered += 1
             yield (img, label, key) if self.with_keys else (img, label)
-            if quota is not None and delivered >= quota:
-                break
 
     def _load(self, sample: dict):
         """The sample's image as the transform takes it: decoded by PIL, or, for a transform of
@@ -192,6 +169,55 @@ class _SlotStream(IterableDataset):
                 data, label, key = sample["jpg"], int(sample["cls"]), sample["__key__"]
             return self.transform.decode(data, _reading_bytes), label, key
         return _decode(sample, self.decode_min_side, _reading_bytes)
+
+
+class _EvalStream(_Reader):
+    """Evaluation: every (rank, worker) pair is a slot reading a disjoint share, in shard order."""
+
+    def __init__(self, world_size: int, *args):
+        super().__init__(*args)
+        self.world_size = world_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        ids, stride, phase = self._plan(self.world_size * workers, self.rank * workers + worker, False)
+        yield from self._samples(self._raw(ids, stride, phase), ids, stride, 0, None, info is None)
+
+
+class _TrainPieces(_Reader):
+    """Training: for each rank batch from `skip` on, this worker's part of it, as (batch index,
+    first slot of the part in its unit, the collated samples of the worker's slots of that unit in
+    slot order). The rank's slots are dealt to the workers in contiguous blocks, so each worker's
+    part is one run of slots and the parts of a batch join in worker order, one message each."""
+
+    def __init__(self, layout: SlotLayout, world_size: int, steps: int, skip: int, *args):
+        super().__init__(*args)
+        self.layout, self.accum, self.steps, self.skip = layout, layout.accumulation(world_size), steps, skip
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        layout, accum = self.layout, self.accum
+        first_step, first_unit = divmod(self.skip, accum)
+        mine: dict[int, list] = {}  # unit in the rank -> [(slot index in the unit, first step, samples)]
+        for a in range(accum):
+            start = first_step + (a < first_unit)  # this step's earlier units were delivered
+            for j, slot in enumerate(layout.unit_slots(self.rank * accum + a)):
+                if (a * layout.per_unit + j) * workers // (accum * layout.per_unit) == worker:
+                    mine.setdefault(a, []).append((j, start, self._slot_samples(slot, start * layout.take,
+                                                                                 info is None)))
+        for step in range(first_step, self.steps):
+            for a, streams in mine.items():
+                if step >= streams[0][1]:
+                    samples = [s for _, _, stream in streams for s in itertools.islice(stream, layout.take)]
+                    yield step * accum + a, streams[0][0], _collate(samples)
+
+    def _slot_samples(self, slot: int, first: int, restore: bool):
+        ids, stride, phase = self._plan(self.layout.slots, slot, True)
+        shuffled = self._cycled(ids, stride, phase, random.Random(f"{self.seed}:{self.epoch}:{slot}"))
+        return self._samples(itertools.islice(shuffled, first, None), ids, stride, first,
+                             f"{self.seed}:{self.epoch}:{slot}", restore)
 
 
 def _sample_seed(name: str | None) -> int | None:
@@ -211,23 +237,45 @@ def _collate(batch):
     return (images, labels, [b[2] for b in batch]) if len(batch[0]) == 3 else (images, labels)
 
 
+def _joined(pieces: list[tuple]) -> tuple:
+    """One micro-batch from its slots' pieces, in slot order."""
+    if len(pieces) == 1:
+        return pieces[0]
+    images = [p[0] for p in pieces]
+    if isinstance(images[0], tuple):  # images with their RandAugment draws: each field joined
+        joined_images = type(images[0])(*(torch.cat(field) for field in zip(*images)))
+    elif isinstance(images[0], torch.Tensor):
+        joined_images = torch.cat(images)
+    else:
+        joined_images = [i for p in images for i in p]
+    joined = [joined_images, torch.cat([p[1] for p in pieces])]
+    return tuple(joined + ([[k for p in pieces for k in p[2]]] if len(pieces[0]) == 3 else []))
+
+
 class WdsLoader(EpochLoader):
-    """Batches of one rank. Training: `len(loader)` batches per epoch on every rank, resumable
-    through `state_dict()`; evaluation (`train=False`): each sample once across ranks."""
+    """Batches of one rank. Training: `len(loader)` batches per epoch on every rank, in the order of
+    the run's slot layout, resumable through `state_dict()` on any world size that divides its
+    units; evaluation (`train=False`): each sample once across ranks."""
 
     def __init__(self, shards: ShardSet, batch_size: int, rank: int = 0, world_size: int = 1,
                  workers: int = 2, seed: int = 0, transform: Callable | None = None,
                  train: bool = True, shuffle_buffer: int = 2000, with_keys: bool = False,
-                 decode_min_side: int = 0):
-        """`decode_min_side`: the smallest shorter side the transform needs (see
-        `transforms.min_decode_side`); 0 decodes every image at full size."""
-        if train and shards.num_samples < world_size * batch_size:
-            raise ShardFolderError(f"{shards.num_samples} samples cannot give one batch of {batch_size} "
-                             f"to each of {world_size} ranks")
+                 decode_min_side: int = 0, global_batch: int = 0, slots: int = 0):
+        """`batch_size`: the micro batch; `global_batch`: the samples of an optimizer step (0:
+        `batch_size x world_size`, no accumulation); `slots`: the slot count (0: the checkpoint's
+        when a state is loaded, else `slots.default_slots` for this many shards). `decode_min_side`: the smallest
+        shorter side the transform needs (see `transforms.min_decode_side`); 0 decodes every
+        image at full size."""
+        self.global_batch = global_batch or batch_size * world_size
+        if train and shards.num_samples < self.global_batch:
+            raise ShardFolderError(f"{shards.num_samples} samples cannot give one global batch of "
+                                   f"{self.global_batch} ({world_size} ranks x {batch_size} x accumulation)")
         self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
         self.workers, self.seed, self.transform, self.train = workers, seed, transform, train
         self.shuffle_buffer, self.with_keys = shuffle_buffer, with_keys
-        self.decode_min_side = decode_min_side
+        self.decode_min_side, self.slots = decode_min_side, slots
+        self.layout = SlotLayout.make(self.global_batch, batch_size, slots, len(shards.urls)) if train else None
+        self.accum = self.layout.accumulation(world_size) if train else 1
         self._start_position()
         self._damaged = multiprocessing.Value("q", 0)
 
@@ -238,7 +286,7 @@ class WdsLoader(EpochLoader):
 
     def __len__(self) -> int:
         if self.train:
-            return self.shards.num_samples // (self.world_size * self.batch_size)
+            return self.shards.num_samples // self.global_batch * self.accum
         raise TypeError("an evaluation loader's length differs between ranks")
 
     @property
@@ -246,12 +294,48 @@ class WdsLoader(EpochLoader):
         """Samples this rank has delivered in the current epoch."""
         return self.batches_done * self.batch_size
 
+    def state_dict(self) -> dict:
+        """The global position (the same on every rank): epoch, steps done in it, and the layout."""
+        steps, partial = divmod(self.batches_done, self.accum)
+        return {**super().state_dict(), "steps_done": steps, "partial_batches": partial,
+                "global_batch": self.global_batch, "slots": self.layout.slots}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "slots" not in state:  # saved before slot layouts: nothing to continue exactly
+            raise LoaderStateError(f"a loader state without a slot layout (epoch {state['epoch']}) cannot "
+                                   f"be continued in the same order; resume on the world size it was saved "
+                                   f"with, with the cvtkit that saved it")
+        if self.slots and self.slots != state["slots"] or state["global_batch"] != self.global_batch:
+            raise LoaderStateError(f"data.slots={self.slots or 'default'} with global batch {self.global_batch}: "
+                                   f"the checkpoint's sample order has {state['slots']} slots and global batch "
+                                   f"{state['global_batch']}; leave data.slots unset or set it to {state['slots']}")
+        if state["partial_batches"] and state["world_size"] != self.world_size:
+            raise LoaderStateError(f"the loader state was saved {state['partial_batches']} micro-batches into "
+                                   f"a step, which only the same {state['world_size']} ranks can continue")
+        self.layout = SlotLayout.make(self.global_batch, self.batch_size, state["slots"])
+        self.accum = self.layout.accumulation(self.world_size)
+        self.epoch, self.batches_done = state["epoch"], state["steps_done"] * self.accum + state["partial_batches"]
+
     def _epoch_batches(self, epoch: int, skip: int):
-        dataset = _SlotStream(self.shards, self.rank, self.world_size, self.batch_size, self.seed,
-                              epoch, self.transform, self.train, self.shuffle_buffer, skip,
-                              self.with_keys, self.decode_min_side, self._damaged)
+        common = (self.shards, self.rank, self.seed, epoch, self.transform, self.shuffle_buffer,
+                  self.with_keys, self.decode_min_side, self._damaged)
+        if not self.train:
+            yield from self._loader(_EvalStream(self.world_size, *common), self.workers, self.batch_size)
+            return
+        steps = self.shards.num_samples // self.global_batch
+        pieces = _TrainPieces(self.layout, self.world_size, steps, skip, *common)
+        pending: dict[int, dict[int, tuple]] = {}
+        following = skip
+        for batch, first, part in self._loader(pieces, min(self.workers, self.accum * self.layout.per_unit), None):
+            pending.setdefault(batch, {})[first] = part
+            while sum(len(p[1]) for p in pending.get(following, {}).values()) == self.batch_size:
+                parts = pending.pop(following)
+                yield _joined([parts[j] for j in sorted(parts)])
+                following += 1
+
+    def _loader(self, dataset, workers: int, batch_size: int | None):
         # Its own generator: creating the loader must not draw from the trainer's global RNG,
         # or a resumed run's dropout and mixup would differ from an uninterrupted one.
-        loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
-                            collate_fn=_collate, generator=torch.Generator().manual_seed(self.seed))
-        yield from loader
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                          collate_fn=_collate if batch_size else None,
+                          generator=torch.Generator().manual_seed(self.seed))

@@ -41,6 +41,7 @@ from .run_config import RunConfig
 from .schedule import Schedule
 from .signals import StopSignals
 from .reshard import convert_on_start
+from .trace import StepTrace
 from .state import MasterEma, average_across_ranks, nonfinite_master, persistent_buffers
 from .validation import validate
 
@@ -84,6 +85,7 @@ class Trainer:
         self.steps_per_epoch = 0
         self.schedule: Schedule | None = None
         self.runlog: RunLog | None = None
+        self.trace: StepTrace | None = None
         # The loop's counters: `step` is checkpointed (the "trainer" state), the others restart.
         self.step = 0
         self.last_saved, self.damaged, self.nonfinite_run = 0, 0, 0
@@ -110,6 +112,7 @@ class Trainer:
         if tag:
             self._restore(tag, universal)
         self._record_start()
+        self.trace = StepTrace(self.run_dir, self.rank, cfg.data.trace, self.step)
         self.runlog = RunLog(self.run_dir, self.rank == 0)
         self._info(f"global batch {cfg.data.batch_size} = micro batch {self.micro} x accumulation "
                    f"{self.accum} x {self.world} ranks; {self.schedule.total_steps} steps "
@@ -299,14 +302,17 @@ class Trainer:
         data_wait = 0.0
         for _ in range(self.accum):
             t0 = time.perf_counter()
-            images, labels = next(batches)[:2]
+            batch = next(batches)
             data_wait += time.perf_counter() - t0
+            images, labels = batch[:2]
+            self.trace.add(batch)
             x, y = self.batch(images, labels)
             loss = classification_loss(self.engine(x), y, self.batch.label_smoothing)
             self.engine.backward(loss)
             self.engine.step()
             self.agreement.add_loss(loss)
         self.step += 1
+        self.trace.end_step(self.step)
         average_across_ranks(self.buffers_to_average)
         if self.ema is not None and self.step % self.cfg.ema.every_steps == 0:
             self.ema.update(self.engine.module)
