@@ -23,6 +23,9 @@ training code is the real one; only the moments chosen below are intercepted.
                                          made them (cvtkit's own, DeepSpeed's, torch's DataLoader
                                          on its own CPU tensors, other); each rank
                                          writes its windows to PATH.rankR as JSON
+    CVTKIT_SLOW_SAVE_AND_VAL=SECONDS     a slow disk and a slow validation set: each state file the
+                                         checkpointer writes, and each validation batch, takes
+                                         SECONDS longer (a planted fault, not a wait)
 """
 import json
 import os
@@ -127,6 +130,25 @@ def kill_at_step(step: int) -> None:
     Trainer._train_step = train_step
 
 
+def slow_save_and_val(seconds: float) -> None:
+    import time
+
+    from cvtkit.data.config import RunData
+    real_save, real_val_loader = checkpointer.torch_save_atomic, RunData.val_loader
+
+    def torch_save_atomic(obj, path):
+        time.sleep(seconds)
+        return real_save(obj, path)
+
+    def val_loader(self, *args, **kwargs):
+        for batch in real_val_loader(self, *args, **kwargs):
+            time.sleep(seconds)
+            yield batch
+
+    checkpointer.torch_save_atomic = torch_save_atomic
+    RunData.val_loader = val_loader
+
+
 def deterministic() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -206,6 +228,8 @@ if __name__ == "__main__":
         kill_at_save(os.environ["CVTKIT_KILL_AT_SAVE"])
     if os.environ.get("CVTKIT_PLANT_NAN"):
         plant_nan(int(os.environ["CVTKIT_PLANT_NAN"]))
+    if os.environ.get("CVTKIT_SLOW_SAVE_AND_VAL"):
+        slow_save_and_val(float(os.environ["CVTKIT_SLOW_SAVE_AND_VAL"]))
     if os.environ.get("CVTKIT_DUMP_BUFFERS"):
         dump_buffers(os.environ["CVTKIT_DUMP_BUFFERS"])
     if os.environ.get("CVTKIT_DUMP_LOADED"):

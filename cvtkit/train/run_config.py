@@ -134,6 +134,21 @@ class LogConfig:
 
 
 @dataclass
+class GuardConfig:
+    """What keeps a run going with nobody watching (the recipes' headers give their figures).
+    `stall_timeout_s`: a rank whose training loop makes no progress (a step, a validation batch,
+    a phase of a save) for this long writes every thread's stack to `RUN/stalls/` and exits with
+    `EXIT_STALL`, which the job script requeues; set it well above the longest step, validation
+    batch and save phase, and below `engine.dist_timeout_s`, so that a frozen rank is noticed
+    before the collectives give up. 0: off."""
+    stall_timeout_s: float = 300.0
+
+    def __post_init__(self):
+        require(self.stall_timeout_s >= 0, "stall_timeout_s", ">= 0 seconds (0 turns the watchdog off)",
+                self.stall_timeout_s)
+
+
+@dataclass
 class InitConfig:
     """Fine-tuning (finetune/finetune.py): the weights to start from and what to do with their
     classifier. synset: each class of the fine-tuning data gets the pretrained row of the same
@@ -160,6 +175,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self):
         require(bool(self.name) and "/" not in self.name, "name", "a folder name without '/'", self.name)

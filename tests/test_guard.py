@@ -1,0 +1,73 @@
+"""A run that heals itself (README "What survives what"): the stall watchdog. Real training
+processes (DeepSpeed over gloo, two CPU ranks, the tiny CvT); the faults are planted from the test
+(SIGSTOP) or through tests/fault_train.py."""
+import re
+import signal
+
+import pytest
+
+from cvtkit.train.trainer import EXIT_STALL
+from cvtkit.train.watchdog import STALLS_DIR
+
+from helpers import make_tiny_shards, metrics, spawn, train, train_argv, wait
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """64 training samples / global batch 16 = 4 steps per epoch (make_tiny_shards)."""
+    return make_tiny_shards(tmp_path_factory.mktemp("guard"))
+
+
+def wait_for_step(run, step: int, procs) -> None:
+    """Until `metrics.jsonl` has a record at or past `step` (an event written by the run)."""
+    import time
+    while not any(m.get("step", 0) >= step for m in metrics(run)):
+        assert all(p.poll() is None for p in procs), f"the run ended before step {step}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_is_noticed_by_the_stall_watchdog(shards, tmp_path):
+    """One rank of two is frozen (SIGSTOP) mid-training: the other, waiting in a collective,
+    writes every thread's stack, naming the collective, to RUN/stalls/ and exits with EXIT_STALL
+    (which the job script requeues), long before the collective timeout would end it with 1."""
+    run = tmp_path / "tiny_cpu"
+    stall_s, dist_timeout_s = 8, 300
+    overrides = [f"guard.stall_timeout_s={stall_s}", f"engine.dist_timeout_s={dist_timeout_s}",
+                 "schedule.epochs=50", "log.every_steps=1", "checkpoint.every_steps=2"]
+    procs = spawn(2, train_argv(tmp_path, shards, overrides))
+    try:
+        wait_for_step(run, 3, procs)
+        procs[1].send_signal(signal.SIGSTOP)
+        # A collective timeout would end rank 0 with 1 after dist_timeout_s; the watchdog's code
+        # says it was the watchdog, after stall_timeout_s.
+        out, _ = procs[0].communicate(timeout=dist_timeout_s * 2)
+    finally:
+        procs[1].send_signal(signal.SIGCONT)
+        procs[1].kill()
+        procs[1].communicate()
+    assert procs[0].returncode == EXIT_STALL, out
+    dumps = list((run / STALLS_DIR).glob("rank0-*.txt"))
+    assert len(dumps) == 1, out
+    lines = [line for line in out.splitlines() if "no progress for" in line]
+    assert len(lines) == 1 and str(dumps[0]) in lines[0] and f"exiting with {EXIT_STALL}" in lines[0], out
+    stacks = dumps[0].read_text()
+    # The main thread waits inside a torch.distributed collective.
+    assert re.search(r'distributed_c10d\.py", line \d+ in (all_reduce|barrier|broadcast|all_gather\w*|'
+                     r'reduce_scatter\w*)', stacks), stacks
+    assert "cvtkit-stall-watchdog" in stacks or "_watch" in stacks, stacks
+
+
+@pytest.mark.slow
+def test_slow_validation_and_save_are_progress(shards, tmp_path):
+    """Validation batches and the files of a save that each take 0.6 x guard.stall_timeout_s, 1.2 x
+    in all per validation and per save on rank 0, do not trip the watchdog: each is progress."""
+    stall_s = 8
+    slow_s = 0.6 * stall_s
+    overrides = [f"guard.stall_timeout_s={stall_s}", "schedule.epochs=1", "ema.decay=0.9",
+                 "data.eval_batch=4", "checkpoint.every_steps=4"]
+    codes, out = train(tmp_path, shards, overrides, script="tests/fault_train.py",
+                       env={"CVTKIT_SLOW_SAVE_AND_VAL": str(slow_s)})
+    assert codes == [0, 0], out
+    assert "finished 4 steps" in out and "val top-1" in out
+    assert not (tmp_path / "tiny_cpu" / STALLS_DIR).exists(), out
