@@ -6,8 +6,7 @@ import signal
 
 import pytest
 
-from cvtkit.train.trainer import EXIT_STALL
-from cvtkit.train.watchdog import STALLS_DIR
+from cvtkit.train.watchdog import EXIT_STALL, STALLS_DIR
 
 from helpers import make_tiny_shards, metrics, spawn, train, train_argv, wait
 

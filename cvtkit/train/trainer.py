@@ -43,10 +43,9 @@ from .signals import StopSignals
 from .reshard import convert_on_start
 from .state import MasterEma, average_across_ranks, nonfinite_master, persistent_buffers
 from .validation import validate
-from .watchdog import STALLS_DIR, StallWatchdog
+from .watchdog import EXIT_STALL, StallWatchdog  # noqa: F401 (EXIT_STALL: the exit codes are read here)
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: saved after a signal; the launcher requeues (slurm/*.sh)
-EXIT_STALL = 76  # the stall watchdog ended a rank that made no progress; the launcher requeues too
 # What a checkpoint's meta.json must agree on with the config that resumes it.
 _RESUME_KEYS = ("model", "num_classes", "global_batch", "classes_sha", "zero_stage", "precision")
 
@@ -257,7 +256,9 @@ class Trainer:
         batches = self._batches()
         meter = Throughput()
         self.agreement = StepAgreement(collective_device())
-        self._start_watchdog()
+        self.watchdog = StallWatchdog(cfg.guard.stall_timeout_s, self.run_dir, self.rank)
+        self.checkpointer.progress = self.watchdog.progress
+        self.watchdog.start()
         # engine.train_mode=eval: frozen BN statistics and no drop path (DeiT/CeiT fine-tuning)
         self.engine.train(cfg.engine.train_mode == "train")
         while self.step < total:
@@ -265,7 +266,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             data_wait = self._train_step(batches, stop=signals.received is not None)
-            self._progress(f"step {self.step}")
+            self.watchdog.progress(f"step {self.step}")
             meter.add(cfg.data.batch_size, data_wait)
             bar.update(1)
             log = self.step % cfg.log.every_steps == 0 or self.step == total
@@ -293,20 +294,6 @@ class Trainer:
         self.validate()
         self._info(f"finished {total} steps")
         return 0
-
-    def _start_watchdog(self) -> None:
-        """The stall watchdog (`guard.stall_timeout_s`; `watchdog.py`), fed by the steps,
-        validation batches and the phases of a save."""
-        timeout = self.cfg.guard.stall_timeout_s
-        if timeout <= 0:
-            return
-        self.watchdog = StallWatchdog(timeout, self.run_dir / STALLS_DIR, self.rank, EXIT_STALL)
-        self.checkpointer.progress = self._progress
-        self.watchdog.start()
-
-    def _progress(self, what: str) -> None:
-        if self.watchdog is not None:
-            self.watchdog.progress(what)
 
     def _batches(self):
         while True:
@@ -393,7 +380,7 @@ class Trainer:
             return None
         loader = self.data.val_loader(self.eval_cfg, self.rank, self.world)
         metrics = validate(self.engine, loader, self.device, self.dtype, self.cfg.engine.channels_last,
-                           self.eval_cfg.input_size, progress=self._progress)
+                           self.eval_cfg.input_size, progress=self.watchdog.progress)
         self.runlog.scalars(self.step, {f"val/{k}": v for k, v in metrics.items()})
         self._info(f"step {self.step}: val top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} "
                    f"loss {metrics['loss']:.4f} ({int(metrics['count'])} images, {self.cfg.engine.precision})")

@@ -1,7 +1,7 @@
 """The stall watchdog: a thread on every rank that ends the process when the training loop makes no
 progress for `guard.stall_timeout_s`, after writing where every thread was.
 
-    dog = StallWatchdog(timeout_s, run_dir / STALLS_DIR, rank, exit_code)
+    dog = StallWatchdog(timeout_s, run_dir, rank)   # timeout_s 0: progress() does nothing else
     dog.start()
     ... dog.progress("step 12") ...     # a step, a validation batch, a phase of a save
     dog.stop()
@@ -23,17 +23,19 @@ import time
 from pathlib import Path
 
 STALLS_DIR = "stalls"  # in the run folder: one stack dump per stalled rank and stall
+# The stalled rank's exit code; slurm/train_job.sh requeues on it as on EXIT_REQUEUE (75).
+EXIT_STALL = 76
 
 
 class StallWatchdog:
-    """`timeout_s` seconds without `progress()` end the process with `exit_code`, after writing
-    every thread's Python stack to `stalls_dir/rank<r>-<time>.txt` and one line to stderr."""
+    """`timeout_s` seconds without `progress()` end the process with `EXIT_STALL`, after writing
+    every thread's Python stack to `run_dir/stalls/rank<r>-<time>.txt` and one line to stderr;
+    0 seconds: off (no thread)."""
 
-    def __init__(self, timeout_s: float, stalls_dir: Path, rank: int, exit_code: int):
+    def __init__(self, timeout_s: float, run_dir: Path, rank: int):
         self.timeout_s = timeout_s
-        self.stalls_dir = Path(stalls_dir)
+        self.stalls_dir = Path(run_dir) / STALLS_DIR
         self.rank = rank
-        self.exit_code = exit_code
         self.last = time.monotonic()
         self.what = "the start of training"
         self._stopped = threading.Event()
@@ -41,7 +43,8 @@ class StallWatchdog:
 
     def start(self) -> None:
         self.progress("the start of training")
-        self._thread.start()
+        if self.timeout_s > 0:
+            self._thread.start()
 
     def progress(self, what: str) -> None:
         """Called by the loop on each unit of progress; `what` names it for the stall's line.
@@ -70,6 +73,6 @@ class StallWatchdog:
             faulthandler.dump_traceback(f, all_threads=True)
         print(f"[cvtkit] rank {self.rank}: no progress for {idle:.0f} s (guard.stall_timeout_s="
               f"{self.timeout_s:g}) since {self.what}; every thread's stack is in {path}; exiting with "
-              f"{self.exit_code} to be requeued", file=sys.stderr, flush=True)
+              f"{EXIT_STALL} to be requeued", file=sys.stderr, flush=True)
         # No cleanup can run: the main thread is the one that is stuck.
-        os._exit(self.exit_code)
+        os._exit(EXIT_STALL)
