@@ -26,6 +26,10 @@ training code is the real one; only the moments chosen below are intercepted.
     CVTKIT_SLOW_SAVE_AND_VAL=SECONDS     a slow disk and a slow validation set: each state file the
                                          checkpointer writes, and each validation batch, takes
                                          SECONDS longer (a planted fault, not a wait)
+    CVTKIT_SPIKE_AT_STEP=STEP            the loss of optimizer step STEP, the first time the run
+                                         takes it, scaled by 1e4 (its gradients too): a loss spike
+    CVTKIT_SKIP_BATCHES=EPOCH:A:B        the loader skips batches [A, B) of epoch EPOCH (A > 0):
+                                         a run told from the start to skip a spike's window
 """
 import json
 import os
@@ -149,6 +153,40 @@ def slow_save_and_val(seconds: float) -> None:
     RunData.val_loader = val_loader
 
 
+def spike_at_step(step: int) -> None:
+    from cvtkit.train import trainer as trainer_module
+    real_step, real_loss = trainer_module.Trainer._train_step, trainer_module.classification_loss
+    state = {"now": False, "done": False}
+
+    def train_step(self, batches, stop):
+        state["now"] = self.step + 1 == step and not state["done"]
+        try:
+            return real_step(self, batches, stop)
+        finally:
+            state["done"] = state["done"] or state["now"]
+            state["now"] = False
+
+    def loss(*args, **kwargs):
+        value = real_loss(*args, **kwargs)
+        return value * 1e4 if state["now"] else value
+
+    trainer_module.Trainer._train_step, trainer_module.classification_loss = train_step, loss
+
+
+def skip_batches(spec: str) -> None:
+    from cvtkit.train.trainer import Trainer
+    epoch, first, end = (int(v) for v in spec.split(":"))
+
+    def batches(self):
+        while True:
+            for batch in self.loader:
+                yield batch
+                if (self.loader.epoch, self.loader.batches_done) == (epoch, first):
+                    self.loader.load_state_dict({**self.loader.state_dict(), "batches_done": end})
+                    break
+    Trainer._batches = batches
+
+
 def deterministic() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -230,6 +268,10 @@ if __name__ == "__main__":
         plant_nan(int(os.environ["CVTKIT_PLANT_NAN"]))
     if os.environ.get("CVTKIT_SLOW_SAVE_AND_VAL"):
         slow_save_and_val(float(os.environ["CVTKIT_SLOW_SAVE_AND_VAL"]))
+    if os.environ.get("CVTKIT_SPIKE_AT_STEP"):
+        spike_at_step(int(os.environ["CVTKIT_SPIKE_AT_STEP"]))
+    if os.environ.get("CVTKIT_SKIP_BATCHES"):
+        skip_batches(os.environ["CVTKIT_SKIP_BATCHES"])
     if os.environ.get("CVTKIT_DUMP_BUFFERS"):
         dump_buffers(os.environ["CVTKIT_DUMP_BUFFERS"])
     if os.environ.get("CVTKIT_DUMP_LOADED"):

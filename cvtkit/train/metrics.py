@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
 import time
 from pathlib import Path
 
@@ -34,6 +35,9 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+EVENTS_FILE = "events.jsonl"  # in the run folder, beside metrics.jsonl
+
+
 class RunLog:
     """Scalars to tensorboard and one JSON line per record in `metrics.jsonl`; rank 0 only."""
 
@@ -52,6 +56,18 @@ class RunLog:
             self.writer.add_scalar(key, value, step)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+
+    def event(self, kind: str, fields: dict) -> None:
+        """One line of `events.jsonl` (what the run did by itself: a rollback, non-finite steps)
+        and its numeric fields as `guard/<kind>/<field>` scalars at `fields["step"]`."""
+        if not self.enabled:
+            return
+        with open(self.path.with_name(EVENTS_FILE), "a") as f:
+            f.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
+        for key, value in fields.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.writer.add_scalar(f"guard/{kind}/{key}", value, fields["step"])
+        self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -83,3 +99,11 @@ class Throughput:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {"images_per_s": self.images / elapsed, "step_s": elapsed / max(self.steps, 1),
                 "data_wait_fraction": self.data_wait / elapsed}
+
+
+def git_commit(repo: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -140,12 +140,23 @@ class GuardConfig:
     a phase of a save) for this long writes every thread's stack to `RUN/stalls/` and exits with
     `EXIT_STALL`, which the job script requeues; set it well above the longest step, validation
     batch and save phase, and below `engine.dist_timeout_s`, so that a frozen rank is noticed
-    before the collectives give up. 0: off."""
+    before the collectives give up. 0: off.
+    `spike_factor`: a step whose training loss (mean over the ranks) or gradient norm exceeds this
+    times the median of the `spike_window` steps before it rolls the run back to the newest
+    complete checkpoint older than it and skips the batches in between (`guard.py`); at most
+    `max_rollbacks` per epoch, then the run stops. 0: off (it reads the loss every step)."""
     stall_timeout_s: float = 300.0
+    spike_factor: float = 0.0
+    spike_window: int = 50
+    max_rollbacks: int = 3
 
     def __post_init__(self):
         require(self.stall_timeout_s >= 0, "stall_timeout_s", ">= 0 seconds (0 turns the watchdog off)",
                 self.stall_timeout_s)
+        require(self.spike_factor == 0 or self.spike_factor > 1, "spike_factor",
+                "0 (off) or a factor above 1", self.spike_factor)
+        require(self.spike_window >= 1, "spike_window", ">= 1 step", self.spike_window)
+        require(self.max_rollbacks >= 0, "max_rollbacks", ">= 0 per epoch", self.max_rollbacks)
 
 
 @dataclass

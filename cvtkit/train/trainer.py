@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -35,7 +34,8 @@ from .agreement import StepAgreement, StepReport
 from .checkpointer import Checkpointer
 from .engine import batch_plan, build_optimizer, deepspeed_config, init_distributed
 from .loss import classification_loss
-from .metrics import RunLog, Throughput, device_peak_flops, peak_memory_gib
+from .guard import SpikeGuard, heal
+from .metrics import RunLog, Throughput, device_peak_flops, git_commit, peak_memory_gib
 from .pretrained import load_pretrained_init
 from .run_config import RunConfig
 from .schedule import Schedule
@@ -88,6 +88,7 @@ class Trainer:
         # The loop's counters: `step` is checkpointed (the "trainer" state), the others restart.
         self.step = 0
         self.last_saved, self.damaged, self.nonfinite_run = 0, 0, 0
+        self.guard = SpikeGuard(cfg.guard)  # its rollback counts are checkpointed with `step`
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -194,10 +195,11 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """The loop's own state (the "trainer" entry of a checkpoint)."""
-        return {"step": self.step}
+        return {"step": self.step, "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
+        self.guard.load_state_dict(state.get("guard", {}))  # none in checkpoints from before the guard
 
     def _restore(self, tag: str, universal: bool) -> None:
         """Model, optimizer, RNG, loader position, step and EMA from `tag`. After
@@ -267,6 +269,9 @@ class Trainer:
                 group["lr"] = lr
             data_wait = self._train_step(batches, stop=signals.received is not None)
             self.watchdog.progress(f"step {self.step}")
+            if self.guard.on and heal(self):  # rolled back past a loss spike: batches from the new position
+                batches = self._batches()
+                continue
             meter.add(cfg.data.batch_size, data_wait)
             bar.update(1)
             log = self.step % cfg.log.every_steps == 0 or self.step == total
@@ -386,10 +391,3 @@ class Trainer:
                    f"loss {metrics['loss']:.4f} ({int(metrics['count'])} images, {self.cfg.engine.precision})")
         return metrics
 
-
-def git_commit(repo: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
