@@ -30,12 +30,12 @@ echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SL
 # ends the others through their collective timeout (engine.dist_timeout_s) instead.
 srun --export=ALL "$PYTHON" -u "$REPO/$ENTRY" "${args[@]}"
 rc=$?
-# 75: saved after a signal (cvtkit.train.trainer.EXIT_REQUEUE); 76: a rank made no progress for
-# guard.stall_timeout_s and wrote its stacks to RUN/stalls/ (cvtkit.train.watchdog.EXIT_STALL).
-if [ "$rc" -eq 75 ] || [ "$rc" -eq 76 ]; then
-    reason="checkpoint saved after a signal"
-    [ "$rc" -eq 76 ] && reason="a rank stalled (stacks in the run folder's stalls/)"
-    echo "[$(date -Is)] $reason: requeueing job $SLURM_JOB_ID"
+# Requeue or not (cvtkit/train/requeue.py): 75 (saved after a signal) always; 2 (bad input) and 0
+# never; any other failure (a crash, 76 from the stall watchdog) when the run saved a newer
+# checkpoint since the last end, else at most CVTKIT_RESTARTS_WITHOUT_PROGRESS (2) times in a row.
+# Each decision is a line of the run folder's requeues.jsonl.
+if [ "$rc" -ne 0 ] && PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m cvtkit.train.requeue "$rc" "${args[@]}"; then
+    echo "[$(date -Is)] exit $rc: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     echo "scontrol requeue failed; resubmit the same command to resume" >&2
 fi
