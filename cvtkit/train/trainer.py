@@ -335,6 +335,9 @@ class Trainer:
             self._info(f"step {self.step}: the loaders skipped {report.damaged - self.damaged} damaged "
                        f"samples or shards ({report.damaged} in all); training goes on")
             self.damaged = report.damaged
+        if report.nonfinite_steps:  # skipped updates, in events.jsonl beside the guard's rollbacks
+            self.runlog.event("nonfinite", {"step": self.step, "steps": report.nonfinite_steps,
+                                            "longest_run": report.nonfinite_run})
         if report.nonfinite_run >= self.cfg.engine.max_nonfinite:
             raise NonFiniteLoss(f"the loss was not finite for {report.nonfinite_run} consecutive steps "
                                 f"(last at step {report.nonfinite_last}, lr {lr:.3g} at step {self.step}); "
