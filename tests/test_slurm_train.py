@@ -154,3 +154,40 @@ def test_a_job_failing_before_any_checkpoint_stops_after_its_budget(shards, tmp_
     assert [e["requeue"] for e in ends] == [True, False] and not any(e["progress"] for e in ends), ends
     lines = [line for line in text.splitlines() if "no requeue:" in line]
     assert len(lines) == 1 and "2 ends in a row without a new checkpoint" in lines[0], text
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_job_requeues_and_resumes(shards, tmp_path, slurm_cluster):
+    """One rank frozen (SIGSTOP) after a periodic checkpoint: the other's stall watchdog writes its
+    stacks and exits 76, srun kills the frozen one, the job requeues itself, resumes from the last
+    checkpoint and finishes."""
+    import os
+    import signal
+    run = tmp_path / "runs/tiny_cpu"
+    log = tmp_path / "job.log"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", *SMALL_JOB, f"--output={log}", "slurm/pretrain_w24.sh",
+         "--config", str(TINY_CONFIG), "--set", f"data.train={shards}", f"data.val={shards}",
+         f"out_dir={tmp_path}/runs", "schedule.epochs=4", "log.every_steps=1", "checkpoint.every_steps=4",
+         "guard.stall_timeout_s=10"],
+        cwd=REPO, capture_output=True, text=True, check=True, env=job_env()).stdout.strip().split(";")[0]
+    deadline = time.time() + 300
+    while not any(m.get("step", 0) >= 6 for m in metrics(run)):
+        assert time.time() < deadline and job_field(job_id, "JobState") in ("PENDING", "RUNNING"), log.read_text()
+        time.sleep(0.5)
+    frozen = int(subprocess.run(["pgrep", "-f", f"out_dir={tmp_path}/runs"], capture_output=True,
+                                text=True).stdout.split()[-1])
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        _wait_for_end(job_id, log)
+    finally:
+        try:
+            os.kill(frozen, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    text = log.read_text()
+    assert job_field(job_id, "JobState") == "COMPLETED" and job_field(job_id, "Restarts") == "1", text
+    assert "no progress for" in text and "requeueing job" in text and "finished 16 steps" in text, text
+    assert list((run / "stalls").glob("rank*.txt")), text
+    starts = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]
+    assert [s["slurm_restart_count"] for s in starts] == [None, "1"] and starts[1]["step"] >= 4
