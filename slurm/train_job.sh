@@ -27,11 +27,18 @@ echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SL
      "$SLURM_NTASKS tasks, master $MASTER_ADDR:$MASTER_PORT, $ENTRY ${args[*]}"
 # Every task gets the --signal of sbatch; each saves at the same step boundary and exits 75.
 # No --kill-on-bad-exit: the first rank to exit 75 must not cut the others short. A crashed rank
-# ends the others through their collective timeout (engine.dist_timeout_s) instead.
-srun --export=ALL "$PYTHON" -u "$REPO/$ENTRY" "${args[@]}"
+# ends the others through their collective timeout (engine.dist_timeout_s) instead. --wait: once
+# a task has ended, the others get 120 s (ranks that end together do so within seconds); a frozen
+# rank, whose healthy peers exited 76 (the stall watchdog), is killed then instead of holding
+# the job forever.
+srun --export=ALL --wait=120 "$PYTHON" -u "$REPO/$ENTRY" "${args[@]}"
 rc=$?
-if [ "$rc" -eq 75 ]; then
-    echo "[$(date -Is)] checkpoint saved after a signal: requeueing job $SLURM_JOB_ID"
+# Requeue or not (cvtkit/train/requeue.py): 75 (saved after a signal) always; 2 (bad input) and 0
+# never; any other failure (a crash, 76 from the stall watchdog) when the run saved a newer
+# checkpoint since the last end, else at most CVTKIT_RESTARTS_WITHOUT_PROGRESS (2) times in a row.
+# Each decision is a line of the run folder's requeues.jsonl.
+if [ "$rc" -ne 0 ] && PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m cvtkit.train.requeue "$rc" "${args[@]}"; then
+    echo "[$(date -Is)] exit $rc: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     echo "scontrol requeue failed; resubmit the same command to resume" >&2
 fi

@@ -35,6 +35,13 @@ training code is the real one; only the moments chosen below are intercepted.
                                          made them (cvtkit's own, DeepSpeed's, torch's DataLoader
                                          on its own CPU tensors, other); each rank
                                          writes its windows to PATH.rankR as JSON
+    CVTKIT_SLOW_SAVE_AND_VAL=SECONDS     a slow disk and a slow validation set: each state file the
+                                         checkpointer writes, and each validation batch, takes
+                                         SECONDS longer (a planted fault, not a wait)
+    CVTKIT_SPIKE_AT_STEP=STEP            the loss of optimizer step STEP, the first time the run
+                                         takes it, scaled by 1e4 (its gradients too): a loss spike
+    CVTKIT_SKIP_BATCHES=EPOCH:A:B        the loader skips batches [A, B) of epoch EPOCH (A > 0):
+                                         a run told from the start to skip a spike's window
 
 `FaultTrainJob` is submitit's job (cvtkit.train.submitit_job.TrainJob) with the same faults.
 """
@@ -221,6 +228,61 @@ def dump_buffers(out: str) -> None:
     Trainer.train = train
 
 
+def slow_save_and_val(seconds: float) -> None:
+    import time
+
+    from cvtkit.data.config import RunData
+    real_save, real_val_loader = checkpointer.torch_save_atomic, RunData.val_loader
+
+    def torch_save_atomic(obj, path):
+        time.sleep(seconds)
+        return real_save(obj, path)
+
+    def val_loader(self, *args, **kwargs):
+        for batch in real_val_loader(self, *args, **kwargs):
+            time.sleep(seconds)
+            yield batch
+
+    checkpointer.torch_save_atomic = torch_save_atomic
+    RunData.val_loader = val_loader
+
+
+def spike_at_step(step: int) -> None:
+    from cvtkit.train import trainer as trainer_module
+    real_step, real_loss = trainer_module.Trainer._train_step, trainer_module.classification_loss
+    state = {"now": False, "done": False}
+
+    def train_step(self, *args, **kwargs):
+        state["now"] = self.step + 1 == step and not state["done"]
+        try:
+            return real_step(self, *args, **kwargs)
+        finally:
+            state["done"] = state["done"] or state["now"]
+            state["now"] = False
+
+    def loss(*args, **kwargs):
+        value = real_loss(*args, **kwargs)
+        return value * 1e4 if state["now"] else value
+
+    trainer_module.Trainer._train_step, trainer_module.classification_loss = train_step, loss
+
+
+def skip_batches(spec: str) -> None:
+    from cvtkit.train.trainer import Trainer
+    epoch, first, end = (int(v) for v in spec.split(":"))
+
+    def batches(self):
+        while True:
+            for batch in self.loader:
+                yield batch
+                if (self.loader.epoch, self.loader.batches_done) == (epoch, first):
+                    accum = getattr(self.loader, "accum", 1)  # the webdataset loader counts global steps
+                    self.loader.load_state_dict({**self.loader.state_dict(), "batches_done": end,
+                                                 "steps_done": end // accum, "partial_batches": end % accum})
+                    break
+    Trainer._batches = batches
+
+
 def deterministic() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -312,6 +374,12 @@ def install_faults() -> None:
         dump_optimizer(os.environ["CVTKIT_DUMP_OPTIMIZER"])
     if os.environ.get("CVTKIT_PLANT_NAN"):
         plant_nan(int(os.environ["CVTKIT_PLANT_NAN"]))
+    if os.environ.get("CVTKIT_SLOW_SAVE_AND_VAL"):
+        slow_save_and_val(float(os.environ["CVTKIT_SLOW_SAVE_AND_VAL"]))
+    if os.environ.get("CVTKIT_SPIKE_AT_STEP"):
+        spike_at_step(int(os.environ["CVTKIT_SPIKE_AT_STEP"]))
+    if os.environ.get("CVTKIT_SKIP_BATCHES"):
+        skip_batches(os.environ["CVTKIT_SKIP_BATCHES"])
     if os.environ.get("CVTKIT_DUMP_BUFFERS"):
         dump_buffers(os.environ["CVTKIT_DUMP_BUFFERS"])
 

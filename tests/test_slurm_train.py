@@ -95,3 +95,99 @@ def test_job_script_outside_slurm_says_so(tmp_path):
     env = job_env()
     proc = subprocess.run(["bash", "slurm/pretrain_w24.sh"], cwd=REPO, capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "run this through sbatch" in proc.stderr
+
+
+def _wait_for_end(job_id: str, log, timeout: float = 900) -> None:
+    """Until Slurm reports the job over (a requeued job is held about 2 minutes before it restarts)."""
+    deadline = time.time() + timeout
+    while job_field(job_id, "JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
+        assert time.time() < deadline, f"job {job_id} did not end:\n{log.read_text() if log.exists() else ''}"
+        time.sleep(2)
+
+
+@pytest.mark.slow
+def test_a_crashed_job_requeues_after_progress(shards, tmp_path, slurm_cluster):
+    """kill -9 of one rank after a periodic checkpoint: the job requeues itself (Restarts=1),
+    resumes from the checkpoint and finishes; requeues.jsonl says why."""
+    import os
+    import signal
+    run = tmp_path / "runs/tiny_cpu"
+    log = tmp_path / "job.log"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", *SMALL_JOB, f"--output={log}", "slurm/pretrain_w24.sh",
+         "--config", str(TINY_CONFIG), "--set", f"data.train={shards}", f"data.val={shards}",
+         f"out_dir={tmp_path}/runs", "schedule.epochs=4", "log.every_steps=1", "checkpoint.every_steps=4",
+         "engine.dist_timeout_s=30"],
+        cwd=REPO, capture_output=True, text=True, check=True, env=job_env()).stdout.strip().split(";")[0]
+    deadline = time.time() + 300
+    while not any(m.get("step", 0) >= 6 for m in metrics(run)):
+        assert time.time() < deadline and job_field(job_id, "JobState") in ("PENDING", "RUNNING"), log.read_text()
+        time.sleep(0.5)
+    ranks = subprocess.run(["pgrep", "-f", f"out_dir={tmp_path}/runs"], capture_output=True, text=True).stdout.split()
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    _wait_for_end(job_id, log)
+    text = log.read_text()
+    assert job_field(job_id, "JobState") == "COMPLETED" and job_field(job_id, "Restarts") == "1", text
+    assert "requeueing job" in text and "finished 16 steps" in text, text
+    ends = [json.loads(line) for line in (run / "requeues.jsonl").read_text().splitlines()]
+    assert len(ends) == 1 and ends[0]["requeue"] and ends[0]["progress"] and ends[0]["checkpoint_step"] >= 4, ends
+    starts = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]
+    assert [s["slurm_restart_count"] for s in starts] == [None, "1"] and starts[1]["step"] >= 4
+
+
+@pytest.mark.slow
+def test_a_job_failing_before_any_checkpoint_stops_after_its_budget(shards, tmp_path, slurm_cluster):
+    """Every start fails before any checkpoint (an invalid MASTER_PORT): with
+    CVTKIT_RESTARTS_WITHOUT_PROGRESS=1 the job runs twice, then ends with the line saying why."""
+    run = tmp_path / "runs/tiny_cpu"
+    log = tmp_path / "job.log"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", *SMALL_JOB, f"--output={log}", "slurm/pretrain_w24.sh",
+         "--config", str(TINY_CONFIG), "--set", f"data.train={shards}", f"data.val={shards}",
+         f"out_dir={tmp_path}/runs"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+        env=job_env(MASTER_PORT="99999", CVTKIT_RESTARTS_WITHOUT_PROGRESS="1")).stdout.strip().split(";")[0]
+    _wait_for_end(job_id, log)
+    text = log.read_text()
+    assert job_field(job_id, "Restarts") in ("1", "GONE"), text
+    ends = [json.loads(line) for line in (run / "requeues.jsonl").read_text().splitlines()]
+    assert [e["requeue"] for e in ends] == [True, False] and not any(e["progress"] for e in ends), ends
+    lines = [line for line in text.splitlines() if "no requeue:" in line]
+    assert len(lines) == 1 and "2 ends in a row without a new checkpoint" in lines[0], text
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_job_requeues_and_resumes(shards, tmp_path, slurm_cluster):
+    """One rank frozen (SIGSTOP) after a periodic checkpoint: the other's stall watchdog writes its
+    stacks and exits 76, srun kills the frozen one, the job requeues itself, resumes from the last
+    checkpoint and finishes."""
+    import os
+    import signal
+    run = tmp_path / "runs/tiny_cpu"
+    log = tmp_path / "job.log"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", *SMALL_JOB, f"--output={log}", "slurm/pretrain_w24.sh",
+         "--config", str(TINY_CONFIG), "--set", f"data.train={shards}", f"data.val={shards}",
+         f"out_dir={tmp_path}/runs", "schedule.epochs=4", "log.every_steps=1", "checkpoint.every_steps=4",
+         "guard.stall_timeout_s=10"],
+        cwd=REPO, capture_output=True, text=True, check=True, env=job_env()).stdout.strip().split(";")[0]
+    deadline = time.time() + 300
+    while not any(m.get("step", 0) >= 6 for m in metrics(run)):
+        assert time.time() < deadline and job_field(job_id, "JobState") in ("PENDING", "RUNNING"), log.read_text()
+        time.sleep(0.5)
+    frozen = int(subprocess.run(["pgrep", "-f", f"out_dir={tmp_path}/runs"], capture_output=True,
+                                text=True).stdout.split()[-1])
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        _wait_for_end(job_id, log)
+    finally:
+        try:
+            os.kill(frozen, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    text = log.read_text()
+    assert job_field(job_id, "JobState") == "COMPLETED" and job_field(job_id, "Restarts") == "1", text
+    assert "no progress for" in text and "requeueing job" in text and "finished 16 steps" in text, text
+    assert list((run / "stalls").glob("rank*.txt")), text
+    starts = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]
+    assert [s["slurm_restart_count"] for s in starts] == [None, "1"] and starts[1]["step"] >= 4

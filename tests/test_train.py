@@ -15,6 +15,7 @@ from cvtkit.checkpoint import COMPLETE, complete_tags, consolidated_state_dict, 
 from cvtkit.train.checkpointer import Checkpointer
 from cvtkit.train.run_config import RunConfig
 from cvtkit.train.schedule import Schedule
+from cvtkit.train.metrics import EVENTS_FILE
 from cvtkit.train.trainer import EXIT_REQUEUE
 
 from cvtkit.models.factory import build_model
@@ -368,6 +369,8 @@ def test_diverging_run_stops_without_saving_bad_weights(shards, tmp_path):
                                           "engine.max_nonfinite=2", "schedule.warmup_steps=0"], nproc=1)
     assert codes == [1], out
     assert "not finite" in out
+    events = [json.loads(line) for line in (tmp_path / "tiny_cpu" / EVENTS_FILE).read_text().splitlines()]
+    assert events and all(e["event"] == "nonfinite" and e["steps"] >= 1 for e in events), events
     ckpt = tmp_path / "tiny_cpu/checkpoints"
     tag = latest_complete(ckpt)
     if tag is not None:  # whatever was saved holds finite weights

@@ -52,6 +52,7 @@ class StepAgreement:
         self.step_sums = torch.zeros(_STOP + num_signals, dtype=torch.float64, device=device)
         self.state = torch.zeros(_W_STOP + num_signals, dtype=torch.float64, device=device)
         self.steps = 0
+        self.last_loss = torch.full((), float("nan"), dtype=torch.float64, device=device)
 
     def add_loss(self, loss: torch.Tensor) -> None:
         """One micro-batch's loss (a 0-d tensor), without reading it."""
@@ -69,6 +70,8 @@ class StepAgreement:
         sums[_DAMAGED] = float(damaged)
         dist.all_reduce(sums)
         bad = sums[_NONFINITE] > 0
+        # This step's mean finite loss over the ranks, for the spike guard (`step_loss()`).
+        self.last_loss = torch.where(sums[_FINITE] > 0, sums[_LOSS] / sums[_FINITE].clamp(min=1), float("nan"))
         state[_W_LOSS:_W_NONFINITE] += sums[_LOSS:_NONFINITE]
         state[_W_NONFINITE] += bad
         state[_RUN] = (state[_RUN] + 1) * bad
@@ -78,6 +81,11 @@ class StepAgreement:
         state[_W_STOP:] = sums[_STOP:]
         sums.zero_()
         self.steps += 1
+
+    def step_loss(self) -> float:
+        """The last step's loss, mean over ranks (nan if none was finite): a host read, for the
+        spike guard only."""
+        return self.last_loss.item()
 
     def read(self, new_window: bool) -> StepReport:
         """The figures so far (the one host read). The longest non-finite run starts again from

@@ -17,6 +17,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,6 +50,13 @@ class Checkpointer:
     rank: int
     world_size: int
     keep: int = 3
+    # Called between the phases of a save (the trainer's stall watchdog): a save of many slow
+    # files is progress, one that hangs in a phase is not.
+    progress: Callable[[str], None] | None = None
+
+    def _phase(self, what: str) -> None:
+        if self.progress is not None:
+            self.progress(what)
 
     def save(self, step: int, states: dict, meta: dict) -> Path:
         """A collective save of step `step`: `states` as the module docstring says, `meta` the
@@ -59,6 +67,7 @@ class Checkpointer:
         shared = {name: states[name].state_dict() for name in SHARED_STATES if states.get(name) is not None}
         tag = tag_for(step)
         folder = self.ckpt_dir / tag
+        self._phase(f"the start of the save of {tag}")
         if self.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             if folder.exists():  # a partial save of this very step from a killed run
@@ -69,11 +78,14 @@ class Checkpointer:
             # universal_checkpoint_info lets ds_to_universal convert it for another world size.
             states[MODEL_STATE].save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False,
                                                 client_state={"universal_checkpoint_info": {}, "step": step})
+            self._phase(f"DeepSpeed's save of {tag}")
             own = {name: states[name].state_dict() for name in RANK_STATES if name in states}
             torch_save_atomic(own, rank_state_file(folder, self.rank))
+            self._phase(f"this rank's states of {tag}")
             if self.rank == 0:
                 for name, state in shared.items():
                     torch_save_atomic(state, shared_state_file(folder, name))
+                    self._phase(f"the {name} state of {tag}")
                 write_text_atomic(folder / META_FILE, json.dumps(meta, indent=1))
         except OSError as e:
             failure = f"{e.strerror or e} ({getattr(e, 'filename', None) or folder})"
@@ -93,6 +105,7 @@ class Checkpointer:
             write_text_atomic(self.ckpt_dir / LATEST, tag + "\n")
             self._prune(tag)
         barrier()
+        self._phase(f"the save of {tag}")
         return folder
 
     def _prune(self, newest: str) -> None:

@@ -4,8 +4,9 @@
     cvtkit-finetune --config configs/finetune/<recipe>.yaml --pretrained PATH [--set ...]
 
 (`python pretrain/train.py` and `python finetune/finetune.py` are the same.) Exit codes: 0 done,
-75 stopped by a signal after saving (the launcher requeues), 2 bad input, 1 the run failed on its
-data or numbers. A user's mistake (`CvtkitError`) is one line; anything else is a bug and keeps
+75 stopped by a signal after saving (the launcher requeues), 76 the stall watchdog ended a rank
+that made no progress for guard.stall_timeout_s (requeued too; `watchdog.py`), 2 bad input, 1 the
+run failed on its data or numbers. A user's mistake (`CvtkitError`) is one line; anything else is a bug and keeps
 its traceback.
 """
 from __future__ import annotations

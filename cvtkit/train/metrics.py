@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
+import subprocess
 import time
 from pathlib import Path
 
@@ -34,13 +36,18 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+EVENTS_FILE = "events.jsonl"  # in the run folder, beside metrics.jsonl
+METRICS_FILE = "metrics.jsonl"
+STARTS_FILE = "starts.jsonl"  # one line per start of a run
+
+
 class RunLog:
     """Scalars to tensorboard and one JSON line per record in `metrics.jsonl`; rank 0 only."""
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
         self.writer = None
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -53,13 +60,25 @@ class RunLog:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
 
+    def event(self, kind: str, fields: dict) -> None:
+        """One line of `events.jsonl` (what the run did by itself: a rollback, non-finite steps)
+        and its numeric fields as `guard/<kind>/<field>` scalars at `fields["step"]`."""
+        if not self.enabled:
+            return
+        with open(self.path.with_name(EVENTS_FILE), "a") as f:
+            f.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
+        for key, value in fields.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.writer.add_scalar(f"guard/{kind}/{key}", value, fields["step"])
+        self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -83,3 +102,20 @@ class Throughput:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {"images_per_s": self.images / elapsed, "step_s": elapsed / max(self.steps, 1),
                 "data_wait_fraction": self.data_wait / elapsed}
+
+
+def record_start(run_dir: Path, fields: dict) -> None:
+    """A line of `starts.jsonl`: `fields`, when, from which commit, and Slurm's job and restart."""
+    record = {"start": time.time(), **fields, "git_commit": git_commit(Path(__file__).resolve().parents[2]),
+              "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+              "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")}
+    with open(Path(run_dir) / STARTS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def git_commit(repo: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

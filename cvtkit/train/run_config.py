@@ -140,6 +140,32 @@ class LogConfig:
 
 
 @dataclass
+class GuardConfig:
+    """What keeps a run going with nobody watching (the recipes' headers give their figures).
+    `stall_timeout_s`: a rank whose training loop makes no progress (a step, a validation batch,
+    a phase of a save) for this long writes every thread's stack to `RUN/stalls/` and exits with
+    `EXIT_STALL`, which the job script requeues; set it well above the longest step, validation
+    batch and save phase, and below `engine.dist_timeout_s`, so that a frozen rank is noticed
+    before the collectives give up. 0: off.
+    `spike_factor`: a step whose training loss (mean over the ranks) or gradient norm exceeds this
+    times the median of the `spike_window` steps before it rolls the run back to the newest
+    complete checkpoint older than it and skips the batches in between (`guard.py`); at most
+    `max_rollbacks` per epoch, then the run stops. 0: off (it reads the loss every step)."""
+    stall_timeout_s: float = 300.0
+    spike_factor: float = 0.0
+    spike_window: int = 50
+    max_rollbacks: int = 3
+
+    def __post_init__(self):
+        require(self.stall_timeout_s >= 0, "stall_timeout_s", ">= 0 seconds (0 turns the watchdog off)",
+                self.stall_timeout_s)
+        require(self.spike_factor == 0 or self.spike_factor > 1, "spike_factor",
+                "0 (off) or a factor above 1", self.spike_factor)
+        require(self.spike_window >= 1, "spike_window", ">= 1 step", self.spike_window)
+        require(self.max_rollbacks >= 0, "max_rollbacks", ">= 0 per epoch", self.max_rollbacks)
+
+
+@dataclass
 class InitConfig:
     """Fine-tuning (finetune/finetune.py): the weights to start from and what to do with their
     classifier. synset: each class of the fine-tuning data gets the pretrained row of the same
@@ -166,6 +192,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self):
         require(bool(self.name) and "/" not in self.name, "name", "a folder name without '/'", self.name)

@@ -10,10 +10,7 @@ saves, the end; `agreement.py`): between those, the step loop reads nothing back
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -35,7 +32,8 @@ from .agreement import StepAgreement, StepReport
 from .checkpointer import Checkpointer
 from .engine import batch_plan, build_optimizer, deepspeed_config, init_distributed
 from .loss import classification_loss
-from .metrics import RunLog, Throughput, device_peak_flops, peak_memory_gib
+from .guard import SpikeGuard, heal
+from .metrics import RunLog, Throughput, device_peak_flops, peak_memory_gib, record_start
 from .pretrained import load_pretrained_init
 from .run_config import RunConfig
 from .schedule import Schedule
@@ -44,10 +42,10 @@ from .reshard import convert_on_start
 from .trace import StepTrace
 from .state import MasterEma, average_across_ranks, nonfinite_master, persistent_buffers
 from .validation import validate
+from .watchdog import StallWatchdog
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: saved after a signal; the launcher requeues (slurm/*.sh)
-# What a checkpoint's meta.json must agree on with the config that resumes it (a model of another
-# shape here, not as DeepSpeed's "size mismatch" traceback once the process group runs).
+# What a checkpoint's meta.json must agree on with the config that resumes it (another shape: here, not DeepSpeed's traceback).
 _RESUME_KEYS = ("model", "architecture", "num_classes", "global_batch", "classes_sha", "zero_stage", "precision")
 
 
@@ -86,9 +84,12 @@ class Trainer:
         self.schedule: Schedule | None = None
         self.runlog: RunLog | None = None
         self.trace: StepTrace | None = None
+        self.watchdog: StallWatchdog | None = None  # while `train()` runs, with guard.stall_timeout_s
+        self.agreement: StepAgreement | None = None  # likewise: the ranks' per-step sums on the device
         # The loop's counters: `step` is checkpointed (the "trainer" state), the others restart.
         self.step = 0
         self.last_saved, self.damaged, self.nonfinite_run = 0, 0, 0
+        self.guard = SpikeGuard(cfg.guard)  # its rollback counts are checkpointed with `step`
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -196,10 +197,11 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """The loop's own state (the "trainer" entry of a checkpoint)."""
-        return {"step": self.step}
+        return {"step": self.step, "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
+        self.guard.load_state_dict(state.get("guard", {}))  # none in checkpoints from before the guard
 
     def _restore(self, tag: str, universal: bool) -> None:
         """Model, optimizer, RNG, loader position, step and EMA from `tag`. After
@@ -220,14 +222,10 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / RUN_CONFIG_FILE)
-        record = {"start": time.time(), "step": self.step, "world_size": self.world, "device": str(self.device),
-                  "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
-                  "micro_batch": self.micro, "accumulation": self.accum,
-                  "git_commit": git_commit(Path(__file__).resolve().parents[2]),
-                  "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                  "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")}
-        with open(self.run_dir / "starts.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        record_start(self.run_dir, {
+            "step": self.step, "world_size": self.world, "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+            "micro_batch": self.micro, "accumulation": self.accum})
 
     def _info(self, message: str) -> None:
         if self.rank == 0:
@@ -241,6 +239,8 @@ class Trainer:
             self.setup()
             return self.train(signals)
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             signals.restore()
             if self.runlog is not None:
                 self.runlog.close()
@@ -256,13 +256,19 @@ class Trainer:
         batches = self._batches()
         meter = Throughput()
         self.agreement = StepAgreement(collective_device(), len(signals.signals))
-        # engine.train_mode=eval: frozen BN statistics and no drop path (DeiT/CeiT fine-tuning)
-        self.engine.train(cfg.engine.train_mode == "train")
+        self.watchdog = StallWatchdog(cfg.guard.stall_timeout_s, self.run_dir, self.rank)
+        self.checkpointer.progress = self.watchdog.progress
+        self.watchdog.start()
+        self.engine.train(cfg.engine.train_mode == "train")  # eval: frozen BN, no drop path (DeiT/CeiT fine-tuning)
         while self.step < total:
             lr = self.schedule(self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             data_wait = self._train_step(batches, signals)
+            self.watchdog.progress(f"step {self.step}")
+            if self.guard.on and heal(self):  # rolled back past a loss spike: batches from the new position
+                batches = self._batches()
+                continue
             meter.add(cfg.data.batch_size, data_wait)
             bar.update(1)
             log = self.step % cfg.log.every_steps == 0 or self.step == total
@@ -333,6 +339,9 @@ class Trainer:
             self._info(f"step {self.step}: the loaders skipped {report.damaged - self.damaged} damaged "
                        f"samples or shards ({report.damaged} in all); training goes on")
             self.damaged = report.damaged
+        if report.nonfinite_steps:  # skipped updates, in events.jsonl beside the guard's rollbacks
+            self.runlog.event("nonfinite", {"step": self.step, "steps": report.nonfinite_steps,
+                                            "longest_run": report.nonfinite_run})
         if report.nonfinite_run >= self.cfg.engine.max_nonfinite:
             raise NonFiniteLoss(f"the loss was not finite for {report.nonfinite_run} consecutive steps "
                                 f"(last at step {report.nonfinite_last}, lr {lr:.3g} at step {self.step}); "
@@ -383,16 +392,9 @@ class Trainer:
             return None
         loader = self.data.val_loader(self.eval_cfg, self.rank, self.world)
         metrics = validate(self.engine, loader, self.device, self.dtype, self.cfg.engine.channels_last,
-                           self.eval_cfg.input_size)
+                           self.eval_cfg.input_size, progress=self.watchdog.progress)
         self.runlog.scalars(self.step, {f"val/{k}": v for k, v in metrics.items()})
         self._info(f"step {self.step}: val top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} "
                    f"loss {metrics['loss']:.4f} ({int(metrics['count'])} images, {self.cfg.engine.precision})")
         return metrics
 
-
-def git_commit(repo: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None

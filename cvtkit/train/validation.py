@@ -2,6 +2,8 @@
 used by the trainer and by `finetune/evaluate.py`, so that both score a checkpoint the same way."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -13,12 +15,14 @@ from cvtkit.device import any_rank, collective_device
 
 @torch.no_grad()
 def validate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype,
-             channels_last: bool = False, input_size: int = 224) -> dict[str, float]:
+             channels_last: bool = False, input_size: int = 224,
+             progress: Callable[[str], None] | None = None) -> dict[str, float]:
     """`{"top1", "top5"}` (%), `"loss"` (mean cross entropy) and `"count"` over every sample of
     `loader` (uint8 `[B, 3, S, S]` and labels `[B]`), summed across ranks.
 
     Ranks may hold different numbers of batches; one that runs out keeps stepping with an empty
-    batch while others still have data, so that ZeRO-3's gathers stay matched."""
+    batch while others still have data, so that ZeRO-3's gathers stay matched. `progress` is
+    called after each batch (the trainer's stall watchdog)."""
     prep = DeviceBatch(None, 0, device, dtype, channels_last)
     was_training = model.training
     model.eval()
@@ -27,6 +31,8 @@ def validate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype,
     batches = iter(loader)
     shape = (3, input_size, input_size)
     while True:
+        if progress is not None:
+            progress("a validation batch")
         batch = next(batches, None)
         if distributed and not any_rank(batch is not None):
             break
