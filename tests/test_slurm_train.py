@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -105,24 +106,30 @@ def _wait_for_end(job_id: str, log, timeout: float = 900) -> None:
         time.sleep(2)
 
 
+def _tiny_job_at_step_6(shards, tmp_path, override: str) -> tuple[str, Path, Path]:
+    """sbatch the tiny run (4 epochs, a checkpoint every 4 steps) with `override`; returns its job
+    id, run folder and log once step 6 is logged."""
+    run, log = tmp_path / "runs/tiny_cpu", tmp_path / "job.log"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", *SMALL_JOB, f"--output={log}", "slurm/pretrain_w24.sh",
+         "--config", str(TINY_CONFIG), "--set", f"data.train={shards}", f"data.val={shards}",
+         f"out_dir={tmp_path}/runs", "schedule.epochs=4", "log.every_steps=1", "checkpoint.every_steps=4",
+         override],
+        cwd=REPO, capture_output=True, text=True, check=True, env=job_env()).stdout.strip().split(";")[0]
+    deadline = time.time() + 300
+    while not any(m.get("step", 0) >= 6 for m in metrics(run)):
+        assert time.time() < deadline and job_field(job_id, "JobState") in ("PENDING", "RUNNING"), log.read_text()
+        time.sleep(0.5)
+    return job_id, run, log
+
+
 @pytest.mark.slow
 def test_a_crashed_job_requeues_after_progress(shards, tmp_path, slurm_cluster):
     """kill -9 of one rank after a periodic checkpoint: the job requeues itself (Restarts=1),
     resumes from the checkpoint and finishes; requeues.jsonl says why."""
     import os
     import signal
-    run = tmp_path / "runs/tiny_cpu"
-    log = tmp_path / "job.log"
-    job_id = subprocess.run(
-        ["sbatch", "--parsable", *SMALL_JOB, f"--output={log}", "slurm/pretrain_w24.sh",
-         "--config", str(TINY_CONFIG), "--set", f"data.train={shards}", f"data.val={shards}",
-         f"out_dir={tmp_path}/runs", "schedule.epochs=4", "log.every_steps=1", "checkpoint.every_steps=4",
-         "engine.dist_timeout_s=30"],
-        cwd=REPO, capture_output=True, text=True, check=True, env=job_env()).stdout.strip().split(";")[0]
-    deadline = time.time() + 300
-    while not any(m.get("step", 0) >= 6 for m in metrics(run)):
-        assert time.time() < deadline and job_field(job_id, "JobState") in ("PENDING", "RUNNING"), log.read_text()
-        time.sleep(0.5)
+    job_id, run, log = _tiny_job_at_step_6(shards, tmp_path, "engine.dist_timeout_s=30")
     ranks = subprocess.run(["pgrep", "-f", f"out_dir={tmp_path}/runs"], capture_output=True, text=True).stdout.split()
     os.kill(int(ranks[-1]), signal.SIGKILL)
     _wait_for_end(job_id, log)
@@ -163,18 +170,7 @@ def test_a_frozen_rank_job_requeues_and_resumes(shards, tmp_path, slurm_cluster)
     checkpoint and finishes."""
     import os
     import signal
-    run = tmp_path / "runs/tiny_cpu"
-    log = tmp_path / "job.log"
-    job_id = subprocess.run(
-        ["sbatch", "--parsable", *SMALL_JOB, f"--output={log}", "slurm/pretrain_w24.sh",
-         "--config", str(TINY_CONFIG), "--set", f"data.train={shards}", f"data.val={shards}",
-         f"out_dir={tmp_path}/runs", "schedule.epochs=4", "log.every_steps=1", "checkpoint.every_steps=4",
-         "guard.stall_timeout_s=10"],
-        cwd=REPO, capture_output=True, text=True, check=True, env=job_env()).stdout.strip().split(";")[0]
-    deadline = time.time() + 300
-    while not any(m.get("step", 0) >= 6 for m in metrics(run)):
-        assert time.time() < deadline and job_field(job_id, "JobState") in ("PENDING", "RUNNING"), log.read_text()
-        time.sleep(0.5)
+    job_id, run, log = _tiny_job_at_step_6(shards, tmp_path, "guard.stall_timeout_s=10")
     frozen = int(subprocess.run(["pgrep", "-f", f"out_dir={tmp_path}/runs"], capture_output=True,
                                 text=True).stdout.split()[-1])
     os.kill(frozen, signal.SIGSTOP)
