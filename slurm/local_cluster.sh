@@ -60,12 +60,8 @@ write_conf() {
         partition="node[1-$nodes]"
         for i in $(seq 1 "$nodes"); do mkdir -p "$STATE/d.node$i"; done
         # A lost node is declared down after SlurmdTimeout (about 30 s in all, measured, with
-        # the pings and the kill of its job), a killed job's processes get 5 s between SIGTERM
-        # and SIGKILL, and a requeued job may start again after cred_expire + 1 s instead of the
-        # default 121 s.
-        extra="SlurmdTimeout=10
-KillWait=5
-AuthInfo=cred_expire=10"
+        # the pings and the kill of its job).
+        extra="SlurmdTimeout=10"
     fi
     cat > "$CONF" <<EOF
 $MARK
@@ -90,8 +86,11 @@ ReturnToService=2
 MpiDefault=none
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
-# Requeued jobs wait only briefly before they may start again.
+# Requeued jobs wait only briefly before they may start again: after cred_expire + 1 s instead
+# of the default 121 s; a killed job's processes get 5 s between SIGTERM and SIGKILL.
 MinJobAge=30
+AuthInfo=cred_expire=10
+KillWait=5
 ${extra:+$extra
 }$node_lines
 PartitionName=debug Nodes=$partition Default=YES MaxTime=INFINITE State=UP

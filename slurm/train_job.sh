@@ -28,10 +28,10 @@ echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SL
 # Every task gets the --signal of sbatch; each saves at the same step boundary and exits 75.
 # No --kill-on-bad-exit: the first rank to exit 75 must not cut the others short. A crashed rank
 # ends the others through their collective timeout (engine.dist_timeout_s) instead. --wait: once
-# a task has ended, the others get 120 s (ranks that end together do so within seconds); a frozen
-# rank, whose healthy peers exited 76 (the stall watchdog), is killed then instead of holding
-# the job forever.
-srun --export=ALL --wait=120 "$PYTHON" -u "$REPO/$ENTRY" "${args[@]}"
+# a task has ended, the others get CVTKIT_SRUN_WAIT_S (120 s; ranks that end together do so within
+# seconds, a save included); a frozen rank, whose healthy peers exited 76 (the stall watchdog), is
+# killed then instead of holding the job forever.
+srun --export=ALL --wait="${CVTKIT_SRUN_WAIT_S:-120}" "$PYTHON" -u "$REPO/$ENTRY" "${args[@]}"
 rc=$?
 # Requeue or not (cvtkit/train/requeue.py): 75 (saved after a signal) always; 2 (bad input) and 0
 # never; any other failure (a crash, 76 from the stall watchdog) when the run saved a newer

@@ -65,6 +65,7 @@ dist.init_process_group("gloo")
 t = torch.ones(1)
 dist.all_reduce(t)
 print(int(t.item()), flush=True)
+dist.destroy_process_group()  # as the trainer does: exiting with gloo's threads alive can abort
 """
 
 

@@ -62,7 +62,7 @@ def test_preempted_job_saves_requeues_and_resumes(shards, tmp_path, slurm_cluste
             (tmp_path / "job.log").read_text()
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
-    deadline = time.time() + 600  # Slurm holds a requeued job about 2 minutes before it restarts
+    deadline = time.time() + 600
     while job_field(job_id, "JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
         assert time.time() < deadline, "the requeued job did not finish"
         time.sleep(2)
@@ -99,23 +99,23 @@ def test_job_script_outside_slurm_says_so(tmp_path):
 
 
 def _wait_for_end(job_id: str, log, timeout: float = 900) -> None:
-    """Until Slurm reports the job over (a requeued job is held about 2 minutes before it restarts)."""
+    """Until Slurm reports the job over (local_cluster.sh lets a requeued job start again after 11 s)."""
     deadline = time.time() + timeout
     while job_field(job_id, "JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
         assert time.time() < deadline, f"job {job_id} did not end:\n{log.read_text() if log.exists() else ''}"
         time.sleep(2)
 
 
-def _tiny_job_at_step_6(shards, tmp_path, override: str) -> tuple[str, Path, Path]:
-    """sbatch the tiny run (4 epochs, a checkpoint every 4 steps) with `override`; returns its job
-    id, run folder and log once step 6 is logged."""
+def _tiny_job_at_step_6(shards, tmp_path, override: str, **env: str) -> tuple[str, Path, Path]:
+    """sbatch the tiny run (4 epochs, a checkpoint every 4 steps) with `override` and `env`; returns
+    its job id, run folder and log once step 6 is logged."""
     run, log = tmp_path / "runs/tiny_cpu", tmp_path / "job.log"
     job_id = subprocess.run(
         ["sbatch", "--parsable", *SMALL_JOB, f"--output={log}", "slurm/pretrain_w24.sh",
          "--config", str(TINY_CONFIG), "--set", f"data.train={shards}", f"data.val={shards}",
          f"out_dir={tmp_path}/runs", "schedule.epochs=4", "log.every_steps=1", "checkpoint.every_steps=4",
          override],
-        cwd=REPO, capture_output=True, text=True, check=True, env=job_env()).stdout.strip().split(";")[0]
+        cwd=REPO, capture_output=True, text=True, check=True, env=job_env(**env)).stdout.strip().split(";")[0]
     deadline = time.time() + 300
     while not any(m.get("step", 0) >= 6 for m in metrics(run)):
         assert time.time() < deadline and job_field(job_id, "JobState") in ("PENDING", "RUNNING"), log.read_text()
@@ -166,11 +166,11 @@ def test_a_job_failing_before_any_checkpoint_stops_after_its_budget(shards, tmp_
 @pytest.mark.slow
 def test_a_frozen_rank_job_requeues_and_resumes(shards, tmp_path, slurm_cluster):
     """One rank frozen (SIGSTOP) after a periodic checkpoint: the other's stall watchdog writes its
-    stacks and exits 76, srun kills the frozen one, the job requeues itself, resumes from the last
+    stacks and exits 76, srun kills the frozen one (CVTKIT_SRUN_WAIT_S later), the job requeues itself, resumes from the last
     checkpoint and finishes."""
     import os
     import signal
-    job_id, run, log = _tiny_job_at_step_6(shards, tmp_path, "guard.stall_timeout_s=10")
+    job_id, run, log = _tiny_job_at_step_6(shards, tmp_path, "guard.stall_timeout_s=10", CVTKIT_SRUN_WAIT_S="10")
     frozen = int(subprocess.run(["pgrep", "-f", f"out_dir={tmp_path}/runs"], capture_output=True,
                                 text=True).stdout.split()[-1])
     os.kill(frozen, signal.SIGSTOP)

@@ -19,6 +19,7 @@ import sys
 from cvtkit.config_loader import add_config_args, load_config
 from cvtkit.errors import CvtkitError
 
+from .engine import close_distributed
 from .run_config import RunConfig
 from .trainer import Trainer
 
@@ -48,7 +49,9 @@ def run_training(argv: list[str] | None, description: str, finetune: bool = Fals
         cfg = load_config(RunConfig, args.config, args.overrides)
         if getattr(args, "pretrained", None):
             cfg.init.pretrained = args.pretrained
-        return Trainer(cfg, require_pretrained=finetune).fit()
+        exit_code = Trainer(cfg, require_pretrained=finetune).fit()
+        close_distributed()
+        return exit_code
     except CvtkitError as e:
         print(f"error: {e.one_line()}", file=sys.stderr, flush=True)
         return e.exit_code

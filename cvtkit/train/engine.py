@@ -36,6 +36,14 @@ def init_distributed(env: DistEnv, timeout_s: int) -> tuple[torch.device, int, i
     return device, rank, world
 
 
+def close_distributed() -> None:
+    """End the process group after a run that returned: a process that exits while gloo's or
+    NCCL's threads still run can abort at exit ("terminate called without an active exception",
+    status -6) in place of its own exit code."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def batch_plan(cfg: RunConfig, world: int) -> tuple[int, int]:
     """(micro batch per rank, accumulation steps) for the global batch on `world` ranks.
 
