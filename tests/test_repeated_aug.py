@@ -13,7 +13,7 @@ from cvtkit.data.transforms import AugmentConfig, train_decoder
 from cvtkit.data.wds_loader import LoaderStateError, WdsLoader
 from cvtkit.shards import ShardSet
 from cvtkit.train.run_config import RunConfig
-from helpers import TINY_CONFIG, make_tiny_shards
+from helpers import REPO, TINY_CONFIG, make_tiny_shards
 
 # 36 samples of 40 px in 6 shards of 6; global batch 6 in micro-batches of 2: 3 units, 6 slots of
 # one sample a step, 6 steps an epoch, so each slot's 6 places hold whole triples of copies.
@@ -95,13 +95,11 @@ def test_the_order_does_not_depend_on_the_world_size(shards):
     assert steps(shards, 1, workers=2) == reference
 
 
-@pytest.mark.parametrize("global_batch,micro,slots", [(1024, 256, 256), (512, 64, 256), (8, 2, 4), (18, 2, 18)])
-def test_copies_land_on_distinct_ranks_in_any_layout_with_enough_units(global_batch, micro, slots):
-    """The CeiT recipes' layouts (1024 / 256: 4 units; 512 / 64: 8) and small ones: on every world
-    size that serves the units, the 3 copies of a source slot's sample go to 3 ranks when there are
-    at least 3, else to 3 micro-batches; every slot shows each copy of exactly one source."""
-    layout = SlotLayout.make(global_batch, micro, slots, repeats=3)
-    shown = collections.defaultdict(list)  # source slot -> the slots showing its copies 0, 1, 2
+def assert_copies_spread(layout):
+    """On every world size that serves the units, the copies of a source slot's sample go to
+    distinct ranks when there are at least as many ranks as copies, else to distinct
+    micro-batches; every slot shows each copy of exactly one source."""
+    shown = collections.defaultdict(list)  # source slot -> (copy, the slot showing it)
     for slot in range(layout.slots):
         for copy, source in enumerate(layout.sources(slot)):
             shown[source].append((copy, slot))
@@ -109,11 +107,28 @@ def test_copies_land_on_distinct_ranks_in_any_layout_with_enough_units(global_ba
     for world in (w for w in range(1, layout.units + 1) if layout.units % w == 0):
         accum = layout.accumulation(world)
         for source, copies in shown.items():
-            assert sorted(copy for copy, _ in copies) == [0, 1, 2]
+            assert sorted(copy for copy, _ in copies) == list(range(layout.repeats))
             units = {slot // layout.per_unit for _, slot in copies}
-            assert len(units) == 3, (world, source)
-            if world >= 3:
-                assert len({unit // accum for unit in units}) == 3, (world, source)
+            assert len(units) == layout.repeats, (world, source)
+            if world >= layout.repeats:
+                assert len({unit // accum for unit in units}) == layout.repeats, (world, source)
+
+
+@pytest.mark.parametrize("global_batch,micro,slots,repeats", [(8, 2, 4, 3), (18, 2, 18, 3), (64, 4, 32, 4),
+                                                              (12, 2, 12, 2)])
+def test_copies_land_on_distinct_ranks_in_any_layout_with_enough_units(global_batch, micro, slots, repeats):
+    assert_copies_spread(SlotLayout.make(global_batch, micro, slots, repeats=repeats))
+
+
+def test_the_ceit_recipes_repeat_three_times_in_their_layouts():
+    """1024 in micro-batches of 256 (4 units), 512 in 64 (8 units): copies one and two units apart."""
+    recipes = [*REPO.glob("configs/pretrain/ceit_*.yaml"), *REPO.glob("configs/finetune/ceit_*.yaml")]
+    assert len(recipes) == 4
+    for path in recipes:
+        cfg = load_config(RunConfig, path)
+        assert cfg.data.repeated_aug == 3, path
+        layout = SlotLayout.make(cfg.data.batch_size, cfg.engine.micro_batch, repeats=cfg.data.repeated_aug)
+        assert_copies_spread(layout)
 
 
 def test_the_run_config_reaches_the_loader(shards):
