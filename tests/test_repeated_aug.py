@@ -3,6 +3,7 @@ sample of an epoch shown R times, each copy on another rank with its own augment
 keeping its steps, resumable and in an order that does not depend on the world size."""
 import collections
 import itertools
+import json
 
 import pytest
 
@@ -13,7 +14,8 @@ from cvtkit.data.transforms import AugmentConfig, train_decoder
 from cvtkit.data.wds_loader import LoaderStateError, WdsLoader
 from cvtkit.shards import ShardSet
 from cvtkit.train.run_config import RunConfig
-from helpers import REPO, TINY_CONFIG, make_tiny_shards
+from cvtkit.train.trainer import EXIT_REQUEUE
+from helpers import REPO, TINY_CONFIG, make_tiny_shards, train, train_losses
 
 # 36 samples of 40 px in 6 shards of 6; global batch 6 in micro-batches of 2: 3 units, 6 slots of
 # one sample a step, 6 steps an epoch, so each slot's 6 places hold whole triples of copies.
@@ -151,3 +153,32 @@ def test_bad_combinations_are_one_line_errors(shards):
     with pytest.raises(LoaderStateError, match=r"^data.repeated_aug=1: the checkpoint's epoch shows each sample "
                                                r"3 times.*resume with data.repeated_aug 3$"):
         loaders(shards, 3, repeated_aug=1, state=state)
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_another_world_size_trains_on_the_same_copies(tmp_path):
+    """The trainer with `data.repeated_aug: 3` (real DeepSpeed over gloo, a tiny CvT): 64 samples in
+    4 shards of 16, global batch 16 in 4 micro-batches of 4, so 4 slots of 16 places an epoch: 5
+    samples of each slot shown 3 times and a 6th once (the epoch ends); stopped mid-epoch on 2
+    ranks and resumed on 1, it trains on the micro-batches and losses of an uninterrupted 2-rank run."""
+    shards = make_tiny_shards(tmp_path / "data", shard_samples=16)
+    run = ["engine.micro_batch=4", "data.trace=true", "data.repeated_aug=3", "schedule.epochs=2",
+           "log.every_steps=1", "checkpoint.every_steps=0", "model.drop_path_rate=0.0"]
+
+    def trace(root):
+        lines = [json.loads(line) for line in (root / "tiny_cpu" / "trace.jsonl").read_text().splitlines()]
+        return [line["keys"] for line in lines]
+    codes, out = train(tmp_path / "reference", shards, run, nproc=2)
+    assert codes == [0, 0], out
+    reference = trace(tmp_path / "reference")
+    assert len(reference) == 8
+    epoch = collections.Counter(k for step in reference[:4] for k in step)
+    assert sorted(collections.Counter(epoch.values()).items()) == [(1, 4), (3, 20)]
+    codes, out = train(tmp_path / "resumed", shards, [*run, "checkpoint.stop_at_step=3"], nproc=2)
+    assert codes == [EXIT_REQUEUE] * 2, out
+    codes, out = train(tmp_path / "resumed", shards, run, nproc=1)
+    assert codes == [0], out
+    assert trace(tmp_path / "resumed") == reference
+    theirs, ours = train_losses(tmp_path / "reference" / "tiny_cpu"), train_losses(tmp_path / "resumed" / "tiny_cpu")
+    assert sorted(ours) == sorted(theirs) == list(range(1, 9))
+    assert max(abs(ours[s] - theirs[s]) / abs(theirs[s]) for s in theirs) <= 1e-5

@@ -17,7 +17,9 @@ times each. Each slot still reads its own shards as its source stream, and place
 stream in the epoch shows copy k = p % R of the (p // R)-th sample of source slot j - k * shift
 (mod slots), with `shift` = (units // R) whole units: the R copies of a sample lie in units u,
 u + d, u + 2d, ... (d = units // R, all cyclic gaps >= d), and a rank holds A = units / world
-consecutive units, A <= d whenever world >= R. Any layout with at least R units holds it.
+consecutive units, A <= d whenever world >= R. Any layout with at least R units holds it. A
+slot whose places in an epoch are not a multiple of R ends it with its last sample shown fewer
+than R times (as RASampler's cut does).
 """
 from __future__ import annotations
 
