@@ -140,30 +140,33 @@ def test_the_run_config_reaches_the_loader(shards):
 
 
 def test_bad_combinations_are_one_line_errors(shards):
-    for fmt, train in (("ffcv", "x.beton"), ("dali", "x")):
+    for fmt, where in (("ffcv", "x.beton"), ("dali", "x")):
         with pytest.raises(ConfigError, match=rf"data.repeated_aug: expected 1 with data.format {fmt} .*got 3$"):
-            load_config(RunConfig, TINY_CONFIG, [f"data.train={train}", f"data.format={fmt}", "data.repeated_aug=3"])
+            load_config(RunConfig, TINY_CONFIG, [f"data.train={where}", f"data.format={fmt}", "data.repeated_aug=3"])
     with pytest.raises(ConfigError, match=r"data.repeated_aug: expected >= 1"):
         load_config(RunConfig, TINY_CONFIG, ["data.train=x", "data.repeated_aug=0"])
     with pytest.raises(ConfigError, match=r"^data.repeated_aug=3: the copies of a sample go to 3 different "
                                           r"micro-batches, but the global batch 4 in micro-batches of 2 has 2; "
                                           r"use data.repeated_aug <= 2 or a micro batch of at most 1"):
         WdsLoader(ShardSet.from_info(shards, "train"), 2, 0, 1, 0, global_batch=4, repeated_aug=3)
-    state = loaders(shards, 3)[0].state_dict()
-    with pytest.raises(LoaderStateError, match=r"^data.repeated_aug=1: the checkpoint's epoch shows each sample "
-                                               r"3 times.*resume with data.repeated_aug 3$"):
-        loaders(shards, 3, repeated_aug=1, state=state)
+    stopped = loaders(shards, 3)[0]
+    next(iter(stopped))
+    with pytest.raises(LoaderStateError, match=r"^data.repeated_aug=1: the checkpoint stopped inside an epoch drawn "
+                                               r"with data.repeated_aug=3, .*resume with data.repeated_aug=3 "):
+        loaders(shards, 3, repeated_aug=1, state=stopped.state_dict())
+    loaders(shards, 3, repeated_aug=1, state=loaders(shards, 3)[0].state_dict())  # at an epoch's start
 
 
 @pytest.mark.slow
 def test_a_run_resumed_on_another_world_size_trains_on_the_same_copies(tmp_path):
     """The trainer with `data.repeated_aug: 3` (real DeepSpeed over gloo, a tiny CvT): 64 samples in
     4 shards of 16, global batch 16 in 4 micro-batches of 4, so 4 slots of 16 places an epoch: 5
-    samples of each slot shown 3 times and a 6th once (the epoch ends); stopped mid-epoch on 2
-    ranks and resumed on 1, it trains on the micro-batches and losses of an uninterrupted 2-rank run."""
+    samples of each slot shown 3 times and a 6th once (the epoch ends); stopped on 2 ranks 2 steps
+    in (8 places: inside a triple of copies) and resumed on 1, it trains on the micro-batches and
+    losses of an uninterrupted 2-rank run, random crops and flips included."""
     shards = make_tiny_shards(tmp_path / "data", shard_samples=16)
-    run = ["engine.micro_batch=4", "data.trace=true", "data.repeated_aug=3", "schedule.epochs=2",
-           "log.every_steps=1", "checkpoint.every_steps=0", "model.drop_path_rate=0.0"]
+    run = ["engine.micro_batch=4", "data.trace=true", "data.repeated_aug=3", "data.augment.kind=finetune",
+           "schedule.epochs=2", "log.every_steps=1", "checkpoint.every_steps=0", "model.drop_path_rate=0.0"]
 
     def trace(root):
         lines = [json.loads(line) for line in (root / "tiny_cpu" / "trace.jsonl").read_text().splitlines()]
@@ -174,11 +177,13 @@ def test_a_run_resumed_on_another_world_size_trains_on_the_same_copies(tmp_path)
     assert len(reference) == 8
     epoch = collections.Counter(k for step in reference[:4] for k in step)
     assert sorted(collections.Counter(epoch.values()).items()) == [(1, 4), (3, 20)]
-    codes, out = train(tmp_path / "resumed", shards, [*run, "checkpoint.stop_at_step=3"], nproc=2)
+    codes, out = train(tmp_path / "resumed", shards, [*run, "checkpoint.stop_at_step=2"], nproc=2)
     assert codes == [EXIT_REQUEUE] * 2, out
     codes, out = train(tmp_path / "resumed", shards, run, nproc=1)
     assert codes == [0], out
     assert trace(tmp_path / "resumed") == reference
     theirs, ours = train_losses(tmp_path / "reference" / "tiny_cpu"), train_losses(tmp_path / "resumed" / "tiny_cpu")
     assert sorted(ours) == sorted(theirs) == list(range(1, 9))
-    assert max(abs(ours[s] - theirs[s]) / abs(theirs[s]) for s in theirs) <= 1e-5
+    worst = max(abs(ours[s] - theirs[s]) / abs(theirs[s]) for s in theirs)
+    print(f"largest relative loss difference: {worst:.2e}")
+    assert worst <= 1e-5

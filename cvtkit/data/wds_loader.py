@@ -333,11 +333,12 @@ class WdsLoader(EpochLoader):
             raise LoaderStateError(f"data.slots={self.slots or 'default'} with global batch {self.global_batch}: "
                                    f"the checkpoint's sample order has {state['slots']} slots and global batch "
                                    f"{state['global_batch']}; leave data.slots unset or set it to {state['slots']}")
-        if state.get("repeated_aug", 1) != self.repeated_aug:  # a state from before it: no copies
-            raise LoaderStateError(f"data.repeated_aug={self.repeated_aug}: the checkpoint's epoch shows each sample "
-                                   f"{state.get('repeated_aug', 1)} times, and continuing it with another count "
-                                   f"would repeat or skip samples; resume with data.repeated_aug "
-                                   f"{state.get('repeated_aug', 1)}")
+        saved = state.get("repeated_aug", 1)  # a state from before it: no copies
+        if saved != self.repeated_aug and (state["steps_done"] or state["partial_batches"]):
+            raise LoaderStateError(f"data.repeated_aug={self.repeated_aug}: the checkpoint stopped inside an epoch "
+                                   f"drawn with data.repeated_aug={saved}, which another count would continue with "
+                                   f"samples repeated or skipped; resume with data.repeated_aug={saved} (another "
+                                   f"count can start at an epoch boundary)")
         if state["partial_batches"] and state["world_size"] != self.world_size:
             raise LoaderStateError(f"the loader state was saved {state['partial_batches']} micro-batches into "
                                    f"a step, which only the same {state['world_size']} ranks can continue")
