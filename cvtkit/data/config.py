@@ -35,6 +35,10 @@ class DataConfig:
     # a fresh run as many as divide the global batch up to 256 and the shard count, at least one
     # per micro-batch
     slots: int = 0
+    # wds: show each training sample this many times per epoch, each copy with its own augmentation
+    # on another rank (DeiT's repeated augmentation, `cvtkit.data.slots`); the epoch keeps its
+    # steps, so it shows 1/repeated_aug of the samples. 1: off
+    repeated_aug: int = 1
     trace: bool = False  # write RUN/trace.jsonl: the sample keys of every optimizer step (rank 0)
     # Validation decodes large JPEGs at a reduced DCT scale: faster, not pixel-exact to the
     # official full decode + resize (docs/evaluation.md).
@@ -51,6 +55,10 @@ class DataConfig:
         require(self.format == "wds" or self.augment.randaugment_on == "cpu", "format",
                 "wds with augment.randaugment_on: device", self.format)
         require(self.slots >= 0, "slots", ">= 0 (0: the default layout)", self.slots)
+        require(self.repeated_aug >= 1, "repeated_aug", ">= 1 (1: off)", self.repeated_aug)
+        # ffcv and DALI deal each epoch's samples by rank: they have no place to put the copies
+        require(self.format == "wds" or self.repeated_aug == 1, "repeated_aug",
+                f"1 with data.format {self.format} (only wds repeats samples)", self.repeated_aug)
 
     @property
     def eval_size(self) -> int:
@@ -109,7 +117,7 @@ class RunData:
                               augment=cfg.augment, shuffle_buffer=cfg.shuffle_buffer)
         from .wds_loader import WdsLoader
         decoder = train_decoder(cfg.augment, cfg.res)  # the DeiT recipe straight from JPEG bytes
-        order = dict(global_batch=cfg.batch_size, slots=cfg.slots, with_keys=cfg.trace)
+        order = dict(global_batch=cfg.batch_size, slots=cfg.slots, with_keys=cfg.trace, repeated_aug=cfg.repeated_aug)
         if decoder is not None:
             return WdsLoader(shards, micro_batch, rank, world_size, cfg.workers, seed, transform=decoder,
                              train=True, shuffle_buffer=cfg.shuffle_buffer, **order)

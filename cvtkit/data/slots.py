@@ -9,6 +9,17 @@ global_batch / slots` samples from every slot. The slots are grouped, in order, 
 size W and accumulation A = units / W, rank r at accumulation step a serves unit r * A + a. So
 each micro-batch holds the same samples on any world size that divides `units`, and only which
 rank computes it, and so the order of the gradient reduction, changes.
+
+Repeated augmentation (`data.repeated_aug` R > 1, DeiT's RASampler): every sample is shown R times,
+each copy with its own augmentation, on R different ranks when there are at least R (on fewer, in
+R different micro-batches); the epoch keeps its steps, so it shows a 1/R share of the samples R
+times each. Each slot still reads its own shards as its source stream, and place p of slot j's
+stream in the epoch shows copy k = p % R of the (p // R)-th sample of source slot j - k * shift
+(mod slots), with `shift` = (units // R) whole units: the R copies of a sample lie in units u,
+u + d, u + 2d, ... (d = units // R, all cyclic gaps >= d), and a rank holds A = units / world
+consecutive units, A <= d whenever world >= R. Any layout with at least R units holds it. A
+slot whose places in an epoch are not a multiple of R ends it with its last sample shown fewer
+than R times (as RASampler's cut does).
 """
 from __future__ import annotations
 
@@ -46,9 +57,11 @@ class SlotLayout:
     global_batch: int
     micro: int
     slots: int
+    repeats: int = 1  # data.repeated_aug: the copies of each sample (module docstring)
 
     @classmethod
-    def make(cls, global_batch: int, micro: int, slots: int = 0, shards: int = 0) -> "SlotLayout":
+    def make(cls, global_batch: int, micro: int, slots: int = 0, shards: int = 0,
+             repeats: int = 1) -> "SlotLayout":
         """`slots` 0: `default_slots`. A layout that cannot be cut is a one-line error."""
         slots = slots or default_slots(global_batch, micro, shards)
         units = global_batch // micro
@@ -56,7 +69,12 @@ class SlotLayout:
             raise ConfigError(f"data.slots={slots}: the global batch {global_batch} in micro-batches of "
                               f"{micro} needs a slot count that divides {global_batch} and is a multiple "
                               f"of {units} (e.g. {default_slots(global_batch, micro, shards)})")
-        return cls(global_batch, micro, slots)
+        if repeats > units:
+            raise ConfigError(f"data.repeated_aug={repeats}: the copies of a sample go to {repeats} different "
+                              f"micro-batches, but the global batch {global_batch} in micro-batches of {micro} "
+                              f"has {units}; use data.repeated_aug <= {units} or a micro batch of at most "
+                              f"{global_batch // repeats} (engine.micro_batch)")
+        return cls(global_batch, micro, slots, repeats)
 
     @property
     def units(self) -> int:
@@ -82,3 +100,9 @@ class SlotLayout:
 
     def unit_slots(self, unit: int) -> range:
         return range(unit * self.per_unit, (unit + 1) * self.per_unit)
+
+    def sources(self, slot: int) -> list[int]:
+        """The source slot of each copy that `slot` shows: copy k of source s goes to slot
+        s + k * shift (mod slots), `shift` being units // repeats whole units (module docstring)."""
+        shift = self.units // self.repeats * self.per_unit
+        return [(slot - k * shift) % self.slots for k in range(self.repeats)]

@@ -11,6 +11,11 @@ its pieces into shared memory, and the rank puts the pieces of each micro-batch 
 Every rank delivers `len(loader)` = steps per epoch x accumulation batches; a slot whose data runs
 short cycles over it again (as timm does). Memory: each slot holds `shuffle_buffer` raw samples,
 so a rank holds slots / world_size buffers.
+Repeated augmentation (`repeated_aug` R > 1, `slots.SlotLayout.sources`): a slot's stream
+interleaves R copy streams, copy k re-reading the shards of its source slot with the same
+shuffle (each buffering `shuffle_buffer` / R, so a slot's memory stays the same) and seeding each
+sample's augmentation by its place and k; each source sample is read and decoded once per copy,
+on the rank that shows it.
 Resume: the position is global (epoch, steps done), the same on every rank; a resumed slot skips
 its consumed raw samples without decoding them, so the continued epoch equals an uninterrupted one
 on any world size that divides the units and with any number of workers.
@@ -126,10 +131,11 @@ class _Reader(IterableDataset):
         samples = self.shards.labelled(wds.tarfile_to_samples(handler=self._shard_error)(urls), self._count_damage)
         return (s for i, s in enumerate(samples) if i % stride == phase)
 
-    def _cycled(self, shard_ids: list[int], stride: int, phase: int, rng: random.Random) -> Iterator[dict]:
+    def _cycled(self, shard_ids: list[int], stride: int, phase: int, rng: random.Random,
+                buffer: int) -> Iterator[dict]:
         """Shuffled passes over the slot's data, one after another (a pass never borrows from the
         next, so nothing repeats before all was seen)."""
-        shuffle = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
+        shuffle = wds.shuffle(buffer, min(buffer, 100), rng=rng)
         while True:
             count = 0
             for sample in shuffle(self._raw(shard_ids, stride, phase)):
@@ -139,13 +145,14 @@ class _Reader(IterableDataset):
                 raise DamagedData(f"no readable sample in {', '.join(self.shards.urls[i] for i in shard_ids)}")
 
     def _samples(self, stream: Iterator[dict], ids: list[int], stride: int, first: int,
-                 seed_name: str | None, restore: bool):
+                 seed_name: str | None, restore: bool, copy: int = 0):
         """(image, label, key) of each readable sample of `stream`, whose first has index `first`;
-        with `seed_name`, each sample's augmentation is seeded by (seed_name, index)."""
+        with `seed_name`, each sample's augmentation is seeded by (seed_name, index, copy)."""
         slot_samples = sum(self.shards.lengths[i] for i in ids) // stride + 1
         bad_in_a_row = 0
         for index, sample in enumerate(stream, start=first):
-            with host_seeded(_sample_seed(None if seed_name is None else f"{seed_name}:{index}"), restore=restore):
+            with host_seeded(_sample_seed(None if seed_name is None else f"{seed_name}:{index}", copy),
+                             restore=restore):
                 try:
                     img, label, key = self._load(sample)
                 except _Unreadable as e:
@@ -214,16 +221,31 @@ class _TrainPieces(_Reader):
                     yield step * accum + a, streams[0][0], _collate(samples)
 
     def _slot_samples(self, slot: int, first: int, restore: bool):
-        ids, stride, phase = self._plan(self.layout.slots, slot, True)
-        shuffled = self._cycled(ids, stride, phase, random.Random(f"{self.seed}:{self.epoch}:{slot}"))
-        return self._samples(itertools.islice(shuffled, first, None), ids, stride, first,
-                             f"{self.seed}:{self.epoch}:{slot}", restore)
+        """Slot `slot`'s samples from place `first` of its epoch stream on: place p shows copy
+        p % R of the (p // R)-th sample of that copy's source slot (`SlotLayout.sources`)."""
+        repeats = self.layout.repeats
+        copies = [self._source_samples(source, copy, (first - copy + repeats - 1) // repeats, restore)
+                  for copy, source in enumerate(self.layout.sources(slot))]
+        # the copy streams in the order places first, first + 1, ... take them, round and round
+        turn = [copies[(first + i) % repeats] for i in range(repeats)]
+        return itertools.chain.from_iterable(zip(*turn))
+
+    def _source_samples(self, source: int, copy: int, first: int, restore: bool):
+        """Copy `copy` of source slot `source`'s samples from its `first` on."""
+        ids, stride, phase = self._plan(self.layout.slots, source, True)
+        name = f"{self.seed}:{self.epoch}:{source}"
+        buffer = max(1, self.shuffle_buffer // self.layout.repeats)
+        shuffled = self._cycled(ids, stride, phase, random.Random(name), buffer)
+        return self._samples(itertools.islice(shuffled, first, None), ids, stride, first, name, restore, copy)
 
 
-def _sample_seed(name: str | None) -> int | None:
-    """The seed of a sample's augmentation, from its place in the epoch (`name`), so that a resumed
-    epoch augments each sample exactly as an uninterrupted one; None: no seeding (evaluation)."""
-    return None if name is None else zlib.crc32(name.encode())
+def _sample_seed(name: str | None, copy: int = 0) -> int | None:
+    """The seed of a sample's augmentation, from its place in the epoch (`name`) and, for repeated
+    augmentation, which copy it is, so that a resumed epoch augments each sample exactly as an
+    uninterrupted one; None: no seeding (evaluation)."""
+    if name is None:
+        return None
+    return zlib.crc32((f"{name}:copy{copy}" if copy else name).encode())
 
 
 def _collate(batch):
@@ -260,10 +282,11 @@ class WdsLoader(EpochLoader):
     def __init__(self, shards: ShardSet, batch_size: int, rank: int = 0, world_size: int = 1,
                  workers: int = 2, seed: int = 0, transform: Callable | None = None,
                  train: bool = True, shuffle_buffer: int = 2000, with_keys: bool = False,
-                 decode_min_side: int = 0, global_batch: int = 0, slots: int = 0):
+                 decode_min_side: int = 0, global_batch: int = 0, slots: int = 0, repeated_aug: int = 1):
         """`batch_size`: the micro batch; `global_batch`: the samples of an optimizer step (0:
         `batch_size x world_size`, no accumulation); `slots`: the slot count (0: the checkpoint's
-        when a state is loaded, else `slots.default_slots` for this many shards). `decode_min_side`: the smallest
+        when a state is loaded, else `slots.default_slots` for this many shards); `repeated_aug`:
+        the copies of each training sample (module docstring). `decode_min_side`: the smallest
         shorter side the transform needs (see `transforms.min_decode_side`); 0 decodes every
         image at full size."""
         self.global_batch = global_batch or batch_size * world_size
@@ -273,8 +296,9 @@ class WdsLoader(EpochLoader):
         self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
         self.workers, self.seed, self.transform, self.train = workers, seed, transform, train
         self.shuffle_buffer, self.with_keys = shuffle_buffer, with_keys
-        self.decode_min_side, self.slots = decode_min_side, slots
-        self.layout = SlotLayout.make(self.global_batch, batch_size, slots, len(shards.urls)) if train else None
+        self.decode_min_side, self.slots, self.repeated_aug = decode_min_side, slots, repeated_aug
+        self.layout = (SlotLayout.make(self.global_batch, batch_size, slots, len(shards.urls), repeated_aug)
+                       if train else None)
         self.accum = self.layout.accumulation(world_size) if train else 1
         self._start_position()
         self._damaged = multiprocessing.Value("q", 0)
@@ -298,7 +322,7 @@ class WdsLoader(EpochLoader):
         """The global position (the same on every rank): epoch, steps done in it, and the layout."""
         steps, partial = divmod(self.batches_done, self.accum)
         return {**super().state_dict(), "steps_done": steps, "partial_batches": partial,
-                "global_batch": self.global_batch, "slots": self.layout.slots}
+                "global_batch": self.global_batch, "slots": self.layout.slots, "repeated_aug": self.repeated_aug}
 
     def load_state_dict(self, state: dict) -> None:
         if "slots" not in state:  # saved before slot layouts: nothing to continue exactly
@@ -309,10 +333,16 @@ class WdsLoader(EpochLoader):
             raise LoaderStateError(f"data.slots={self.slots or 'default'} with global batch {self.global_batch}: "
                                    f"the checkpoint's sample order has {state['slots']} slots and global batch "
                                    f"{state['global_batch']}; leave data.slots unset or set it to {state['slots']}")
+        saved = state.get("repeated_aug", 1)  # a state from before it: no copies
+        if saved != self.repeated_aug and (state["steps_done"] or state["partial_batches"]):
+            raise LoaderStateError(f"data.repeated_aug={self.repeated_aug}: the checkpoint stopped inside an epoch "
+                                   f"drawn with data.repeated_aug={saved}, which another count would continue with "
+                                   f"samples repeated or skipped; resume with data.repeated_aug={saved} (another "
+                                   f"count can start at an epoch boundary)")
         if state["partial_batches"] and state["world_size"] != self.world_size:
             raise LoaderStateError(f"the loader state was saved {state['partial_batches']} micro-batches into "
                                    f"a step, which only the same {state['world_size']} ranks can continue")
-        self.layout = SlotLayout.make(self.global_batch, self.batch_size, state["slots"])
+        self.layout = SlotLayout.make(self.global_batch, self.batch_size, state["slots"], repeats=self.repeated_aug)
         self.accum = self.layout.accumulation(self.world_size)
         self.epoch, self.batches_done = state["epoch"], state["steps_done"] * self.accum + state["partial_batches"]
 
