@@ -38,7 +38,10 @@ def peak_memory_gib(device: torch.device) -> float:
 
 EVENTS_FILE = "events.jsonl"  # in the run folder, beside metrics.jsonl
 METRICS_FILE = "metrics.jsonl"
-STARTS_FILE = "starts.jsonl"  # one line per start of a run
+STARTS_FILE = "starts.jsonl"  # one line per start of a run, with its reason
+REQUEUES_FILE = "requeues.jsonl"  # one line per end of a job's training and the decision to requeue it
+# The reasons of a start that no requeue decision explains (`start_reason`).
+NEW_RUN, RESUBMITTED = "new run", "resubmitted"
 
 
 class RunLog:
@@ -105,12 +108,30 @@ class Throughput:
 
 
 def record_start(run_dir: Path, fields: dict) -> None:
-    """A line of `starts.jsonl`: `fields`, when, from which commit, and Slurm's job and restart."""
-    record = {"start": time.time(), **fields, "git_commit": git_commit(Path(__file__).resolve().parents[2]),
+    """A line of `starts.jsonl`: `fields`, why (`start_reason`), when, from which commit, and Slurm's
+    job and restart."""
+    record = {"start": time.time(), **fields, "reason": start_reason(run_dir),
+              "git_commit": git_commit(Path(__file__).resolve().parents[2]),
               "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
               "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")}
     with open(Path(run_dir) / STARTS_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def start_reason(run_dir: Path) -> str:
+    """Why the run starts now: the reason of the requeue decision (`requeue.py`) recorded since the
+    previous start, else NEW_RUN for the first start and RESUBMITTED for a later one (by hand, or
+    after an end that was not requeued). Ends and starts are ordered by their times: an end is
+    recorded seconds to minutes after its start, far above the clock skew between two nodes."""
+    starts, ends = read_jsonl(Path(run_dir) / STARTS_FILE), read_jsonl(Path(run_dir) / REQUEUES_FILE)
+    if ends and ends[-1]["requeue"] and (not starts or ends[-1]["time"] > starts[-1]["start"]):
+        return ends[-1]["reason"]
+    return RESUBMITTED if starts or ends else NEW_RUN
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file of the run folder; none when it does not exist."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def git_commit(repo: Path) -> str | None:

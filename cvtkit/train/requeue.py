@@ -1,7 +1,9 @@
-"""Whether a job that ended should run again: the job scripts' (slurm/train_job.sh) and submitit's
-decision after the training processes exit, with a budget for restarts that make no progress.
+"""Whether a job that ended should run again: the one rule for the job scripts (slurm/train_job.sh,
+after the training processes exit) and for submitit's job (`submitit_job.TrainJob`, on rank 0),
+with a budget for restarts that make no progress.
 
     python -m cvtkit.train.requeue RC --config FILE [--set ...]   # exit 0: requeue, 1: do not
+    should_requeue(rc, entry_argv)                                 # the same, with its line
 
 - 0: the run is done; 2: bad input (a rerun fails the same way): never requeued.
 - 75 (`EXIT_REQUEUE`, saved after a preemption signal): always requeued.
@@ -10,7 +12,8 @@ decision after the training processes exit, with a budget for restarts that make
   `CVTKIT_RESTARTS_WITHOUT_PROGRESS` times (default 2) in a row, so that a run that fails at start
   does not loop forever; then one line says why and what to look at.
 
-Each end and the decision are a line of `RUN/requeues.jsonl`; the budget is counted from it.
+Each end and the decision are a line of `RUN/requeues.jsonl`; the budget is counted from it, and
+the next start's line of `RUN/starts.jsonl` takes its reason (`metrics.start_reason`).
 """
 from __future__ import annotations
 
@@ -24,11 +27,10 @@ from pathlib import Path
 from cvtkit.checkpoint import TAG_RE, latest_complete
 from cvtkit.config_loader import add_config_args, load_config
 
-from .metrics import STARTS_FILE
+from .metrics import REQUEUES_FILE, STARTS_FILE, read_jsonl
 from .run_config import RunConfig
 from .trainer import EXIT_REQUEUE
 
-REQUEUES_FILE = "requeues.jsonl"  # in the run folder: one line per end of a job's training
 BUDGET_ENV = "CVTKIT_RESTARTS_WITHOUT_PROGRESS"
 DEFAULT_BUDGET = 2
 
@@ -40,7 +42,7 @@ def _step(tag: str | None) -> int:
 def decide(run_dir: Path, rc: int, budget: int) -> tuple[bool, str]:
     """(requeue?, the reason), recorded in `run_dir/requeues.jsonl`."""
     path = run_dir / REQUEUES_FILE
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    records = read_jsonl(path)
     newest = _step(latest_complete(run_dir / "checkpoints"))
     before = records[-1]["checkpoint_step"] if records else _last_start_step(run_dir)
     progress = newest > before
@@ -69,27 +71,36 @@ def decide(run_dir: Path, rc: int, budget: int) -> tuple[bool, str]:
 
 def _last_start_step(run_dir: Path) -> int:
     """Before any recorded end: the step the last start resumed from (-1: none recorded)."""
-    path = run_dir / STARTS_FILE
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return json.loads(lines[-1])["step"] if lines else -1
+    starts = read_jsonl(run_dir / STARTS_FILE)
+    return starts[-1]["step"] if starts else -1
 
 
 def budget_from_env() -> int:
     return int(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET))
 
 
+def should_requeue(rc: int, argv: list[str]) -> bool:
+    """The decision after an end with `rc` of the run that the entry point's arguments `argv`
+    (`--config FILE --set ...`; others, such as `--pretrained`, do not matter) name, and its line."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_config_args(parser)
+    args, _ = parser.parse_known_args(argv)
+    if rc in (0, 2):  # done, or bad input (the config itself, maybe): nothing to look at
+        print(f"[cvtkit] no requeue: exit {rc}", flush=True)
+        return False
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    requeue, why = decide(Path(cfg.out_dir) / cfg.name, rc, budget_from_env())
+    print(f"[cvtkit] {'requeue' if requeue else 'no requeue'}: {why}", flush=True)
+    return requeue
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Whether the job should be requeued (exit 0) or not (1)")
     parser.add_argument("rc", type=int, help="the exit code of the training processes")
-    add_config_args(parser)
+    add_config_args(parser)  # for --help and the usage errors; should_requeue reads them again
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, _ = parser.parse_known_args(argv)  # the entry point's other arguments (--pretrained) do not matter
-    if args.rc in (0, 2):  # done, or bad input (the config itself, maybe): nothing to look at
-        print(f"[cvtkit] no requeue: exit {args.rc}", flush=True)
-        return 1
-    cfg = load_config(RunConfig, args.config, args.overrides)
-    requeue, why = decide(Path(cfg.out_dir) / cfg.name, args.rc, budget_from_env())
-    print(f"[cvtkit] {'requeue' if requeue else 'no requeue'}: {why}", flush=True)
-    return 0 if requeue else 1
+    return 0 if should_requeue(args.rc, argv) else 1
 
 
 if __name__ == "__main__":
