@@ -11,6 +11,7 @@ import torch
 
 from cvtkit.checkpoint import consolidated_state_dict, tag_for
 from cvtkit.train.metrics import EVENTS_FILE
+from cvtkit.train.trace import TRACE_FILE
 from cvtkit.train.watchdog import EXIT_STALL, STALLS_DIR
 
 from helpers import make_tiny_shards, metrics, spawn, train, train_argv
@@ -86,10 +87,11 @@ SPIKE = ["schedule.epochs=3", "checkpoint.every_steps=5", "log.every_steps=1", "
 def test_a_loss_spike_rolls_back_and_skips_its_window(shards, tmp_path):
     """The loss of step 8 is planted 1e4 times too large (tests/fault_train.py): the run rolls back
     to the checkpoint of step 5, skips the batches of steps 6-8 (epoch 1's batches [1, 4): 4 steps
-    per epoch), finishes, and records it; its weights equal, to the bit, those of a run told from
-    the start to skip those batches."""
+    per epoch), finishes, and records it, with the keys of the skipped steps as `data.trace` wrote
+    them; its weights equal, to the bit, those of a run told from the start to skip those batches."""
     healed, skipped = tmp_path / "healed", tmp_path / "skipped"
-    codes, out = train(healed, shards, SPIKE, script="tests/fault_train.py", env={"CVTKIT_SPIKE_AT_STEP": "8"})
+    codes, out = train(healed, shards, SPIKE + ["data.trace=true"], script="tests/fault_train.py",
+                       env={"CVTKIT_SPIKE_AT_STEP": "8"})
     assert codes == [0, 0], out
     assert "finished 12 steps" in out and "rolled back to" in out, out
     events = [json.loads(line) for line in (healed / "tiny_cpu" / EVENTS_FILE).read_text().splitlines()]
@@ -98,6 +100,10 @@ def test_a_loss_spike_rolls_back_and_skips_its_window(shards, tmp_path):
     assert event["event"] == "rollback" and event["step"] == 8 and event["resumed_at"] == 5, event
     assert event["checkpoint"].endswith(tag_for(5)) and event["steps_skipped"] == 3, event
     assert event["loader_at"] == {"epoch": 1, "batches_done": 4}, event
+    # The trace holds steps 1-8, then 6-12 taken again: the first lines of steps 6-8 are the undone ones.
+    trace = [json.loads(line) for line in (healed / "tiny_cpu" / TRACE_FILE).read_text().splitlines()]
+    assert [t["step"] for t in trace] == [*range(1, 9), *range(6, 13)]
+    assert event["skipped_keys"] == [k for t in trace[5:8] for k in t["keys"]] and len(event["skipped_keys"]) == 48
 
     codes, out = train(skipped, shards, SPIKE[:-2], script="tests/fault_train.py",
                        env={"CVTKIT_SKIP_BATCHES": "1:1:4"})

@@ -12,6 +12,12 @@ of the window is trained on again in this epoch; the step counter (and so the sc
 weights, optimizer, EMA and RNG come back from the checkpoint. `guard.max_rollbacks` per epoch
 bound it; the count is part of the trainer's checkpointed state and survives the rollback itself.
 
+With `data.trace` on, the rollback's line of `events.jsonl` lists the keys of the steps it undid
+(`skipped_keys`, in the order trained), read back from `trace.jsonl`: in full, not as a pointer
+into that file, because a resume from an older checkpoint rewrites those lines; the list is as
+large as the trace's own lines of those steps (the steps since the checkpoint it goes back to),
+which a traced run writes anyway.
+
 The check needs each step's loss on the host: one read per step while the guard is on (the loop
 reads nothing back otherwise, `agreement.py`), which is why it is off unless a recipe turns it on.
 """
@@ -110,6 +116,8 @@ def heal(trainer) -> bool:
     if spike is None:
         return False
     event = roll_back(trainer, spike)
+    if trainer.trace.enabled:
+        event["skipped_keys"] = trainer.trace.keys_since(event["resumed_at"])
     trainer.runlog.event("rollback", event)
     trainer._info(f"step {spike.step}: {spike.what} {spike.value:.4g} is over guard.spike_factor "
                   f"{trainer.guard.factor:g} x the median {spike.median:.4g}; rolled back to "
