@@ -96,6 +96,28 @@ def train(run_root: Path, shards: str, overrides: list[str] = (), nproc: int = 2
     return wait(spawn(nproc, train_argv(run_root, shards, overrides, config), script=script, env=env), timeout)
 
 
+def submit_with_faults(monkeypatch, run_root: Path, shards: str, overrides: list[str], faults: dict,
+                       cluster: str):
+    """A two-task submitit job (`cluster`: "slurm" or "local") of the tiny run whose first run has
+    the `faults` of tests/fault_train.py (its FaultTrainJob; a requeue resubmits the plain job) and
+    logs to `run_root/submitit/<job id>/`."""
+    from cvtkit.train import submitit_job
+    from fault_train import FaultTrainJob
+    monkeypatch.setattr(submitit_job, "TrainJob", FaultTrainJob)
+    for key, value in {**faults, "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    # The tasks unpickle FaultTrainJob (from tests/) and import this checkout's cvtkit.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return submitit_job.submit("pretrain", train_argv(run_root, shards, overrides), str(run_root / "submitit" / "%j"),
+                               nodes=1, gpus_per_node=0, tasks_per_node=2, cpus_per_task=1, cluster=cluster,
+                               mem_gb=4 if cluster == "slurm" else None)
+
+
+def submitit_logs(run_root: Path) -> str:
+    """Every task's log of the jobs `submit_with_faults` submitted, each under its name."""
+    return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted((run_root / "submitit").glob("*/*_log.*")))
+
+
 def dump_loaded(run_root: Path, shards: str, overrides: list[str] = (), nproc: int = 2) -> dict:
     """The live model state of a run built as training would build it, resuming from
     its run folder, without training a step (tests/fault_train.py); `draws`: each rank's next

@@ -5,6 +5,8 @@ processes (DeepSpeed over gloo, two CPU ranks, the tiny CvT); the faults are pla
 import json
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from cvtkit.train.metrics import EVENTS_FILE
 from cvtkit.train.trace import TRACE_FILE
 from cvtkit.train.watchdog import EXIT_STALL, STALLS_DIR
 
-from helpers import make_tiny_shards, metrics, spawn, train, train_argv
+from helpers import REPO, make_tiny_shards, metrics, spawn, train, train_argv
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,38 @@ def test_slow_validation_and_save_are_progress(shards, tmp_path):
     assert codes == [0, 0], out
     assert "finished 4 steps" in out and "val top-1" in out
     assert not (tmp_path / "tiny_cpu" / STALLS_DIR).exists(), out
+
+
+STALLED_PROCESS = """
+import sys, threading
+from pathlib import Path
+from cvtkit.train import watchdog
+
+def hook(code):
+    Path(sys.argv[1], "hook").write_text(str(code))
+    if sys.argv[2] == "exit":
+        sys.exit(144)  # what submitit's requeue does with its local executor
+    raise ValueError("a bug in the hook")
+
+watchdog.before_stall_exit(hook)
+watchdog.StallWatchdog(1, Path(sys.argv[1]), 0).start()
+threading.Event().wait()  # the main thread is stuck: nothing sets the event
+"""
+
+
+@pytest.mark.parametrize("hook", ["exit", "bug"])
+def test_a_stalled_process_runs_its_hook_before_it_exits(tmp_path, hook):
+    """The hook submitit's job sets (`watchdog.before_stall_exit`: rank 0 decides and requeues)
+    runs in the watchdog's thread while the main thread is stuck; its SystemExit code becomes the
+    process's exit code; a bug in it keeps its traceback and the process still exits EXIT_STALL."""
+    proc = subprocess.run([sys.executable, "-c", STALLED_PROCESS, str(tmp_path), hook], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert (tmp_path / "hook").read_text() == str(EXIT_STALL), proc.stderr
+    assert "no progress for" in proc.stderr and list((tmp_path / STALLS_DIR).glob("rank0-*.txt")), proc.stderr
+    if hook == "exit":
+        assert proc.returncode == 144, proc.stderr
+    else:
+        assert proc.returncode == EXIT_STALL and "ValueError: a bug in the hook" in proc.stderr, proc.stderr
 
 
 SPIKE = ["schedule.epochs=3", "checkpoint.every_steps=5", "log.every_steps=1", "guard.spike_factor=20",

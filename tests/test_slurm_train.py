@@ -10,7 +10,10 @@ import pytest
 
 from cvtkit.checkpoint import complete_tags, tag_for
 
-from helpers import REPO, TINY_CONFIG, job_env, job_field, make_tiny_shards, metrics
+from cvtkit.train.metrics import NEW_RUN, REQUEUES_FILE, STARTS_FILE
+
+from helpers import (REPO, TINY_CONFIG, job_env, job_field, make_tiny_shards, metrics, submit_with_faults,
+                     submitit_logs)
 
 # Two CPU tasks on one node instead of 4 nodes x 8 GPUs; everything else is the script's own.
 SMALL_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=4G"]
@@ -90,6 +93,26 @@ def test_submitit_runs_to_completion(shards, tmp_path, slurm_cluster, cluster):
     assert "finished with [0, 0]" in proc.stdout
     assert "finished 4 steps" in logs
     assert complete_tags(tmp_path / "runs/tiny_cpu/checkpoints") == [tag_for(4)]
+
+
+@pytest.mark.slow
+def test_a_submitit_job_with_a_killed_rank_requeues_and_finishes(shards, tmp_path, slurm_cluster, monkeypatch):
+    """submitit on Slurm, kill -9 of rank 1 once step 6 is done (past the checkpoint of step 4):
+    rank 0 decides as the job script would and requeues through submitit's handler (`scontrol
+    requeue`: Restarts=1); the job resumes from step 4 and finishes; both files say why."""
+    job = submit_with_faults(monkeypatch, tmp_path, shards, ["checkpoint.every_steps=4", "engine.dist_timeout_s=30"],
+                             {"CVTKIT_KILL_RANK_AT_STEP": "6:1"}, cluster="slurm")
+    _wait_for_end(job.job_id, tmp_path / "submitit" / job.job_id / f"{job.job_id}_0_log.out")
+    logs = submitit_logs(tmp_path)
+    assert job_field(job.job_id, "JobState") == "COMPLETED" and job_field(job.job_id, "Restarts") == "1", logs
+    assert job.results() == [0, 0], logs
+    run = tmp_path / "tiny_cpu"
+    ends = [json.loads(line) for line in (run / REQUEUES_FILE).read_text().splitlines()]
+    assert len(ends) == 1 and ends[0]["requeue"] and ends[0]["checkpoint_step"] == 4, ends
+    assert f"[cvtkit] requeue: {ends[0]['reason']}" in logs and "finished 16 steps" in logs, logs
+    starts = [json.loads(line) for line in (run / STARTS_FILE).read_text().splitlines()]
+    assert [(s["step"], s["reason"], s["slurm_restart_count"]) for s in starts] == \
+        [(0, NEW_RUN, None), (4, ends[0]["reason"], "1")], starts
 
 
 def test_job_script_outside_slurm_says_so(tmp_path):

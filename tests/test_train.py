@@ -15,13 +15,13 @@ from cvtkit.checkpoint import COMPLETE, complete_tags, consolidated_state_dict, 
 from cvtkit.train.checkpointer import Checkpointer
 from cvtkit.train.run_config import RunConfig
 from cvtkit.train.schedule import Schedule
-from cvtkit.train.metrics import EVENTS_FILE
+from cvtkit.train.metrics import EVENTS_FILE, NEW_RUN, REQUEUES_FILE, STARTS_FILE
 from cvtkit.train.trainer import EXIT_REQUEUE
 
 from cvtkit.models.factory import build_model
 
 from helpers import (REPO, TINY_CONFIG, assert_same_model, dump_loaded, make_tiny_shards, metrics,
-                     train, train_argv, train_losses, wait)
+                     submit_with_faults, submitit_logs, train, train_argv, train_losses, wait)
 
 
 @pytest.fixture(scope="module")
@@ -266,24 +266,39 @@ def test_submitit_usr2_to_one_rank_saves_requeues_through_submitit_and_resumes(s
     submitit's local executor: both ranks stop after step 4 and save, submitit's own handler
     (which acts on rank 0, which never received the signal) resubmits the job, and the requeued
     job resumes from step 4 and finishes."""
-    from cvtkit.train import submitit_job
-    from fault_train import FaultTrainJob
-    monkeypatch.setattr(submitit_job, "TrainJob", FaultTrainJob)  # the first run only: see its docstring
-    monkeypatch.setenv("CVTKIT_SIGNAL_AT_STEP", "3:1:USR2")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    # The tasks unpickle FaultTrainJob (from tests/) and import this checkout's cvtkit.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    job = submitit_job.submit("pretrain", train_argv(tmp_path, shards, ["checkpoint.every_steps=0", "log.every_steps=1"]),
-                              str(tmp_path / "submitit"), nodes=1, gpus_per_node=0, tasks_per_node=2, cpus_per_task=1,
-                              cluster="local")
+    job = submit_with_faults(monkeypatch, tmp_path, shards, ["checkpoint.every_steps=0", "log.every_steps=1"],
+                             {"CVTKIT_SIGNAL_AT_STEP": "3:1:USR2"}, cluster="local")
     codes = job.results()
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted((tmp_path / "submitit").glob("*_log.*")))
+    logs = submitit_logs(tmp_path)
     assert codes == [0, 0], logs
     run = tmp_path / "tiny_cpu"
     assert "stopped by signal at step 4/16" in logs and "Requeued job" in logs, logs
     assert f"resumed from {run / 'checkpoints' / tag_for(4)} at step 4" in logs and "finished 16 steps" in logs
-    assert [json.loads(line)["step"] for line in (run / "starts.jsonl").read_text().splitlines()] == [0, 4]
+    ends = [json.loads(line) for line in (run / REQUEUES_FILE).read_text().splitlines()]  # by TrainJob.checkpoint
+    assert [(e["rc"], e["requeue"]) for e in ends] == [(EXIT_REQUEUE, True)], ends
+    starts = [json.loads(line) for line in (run / STARTS_FILE).read_text().splitlines()]
+    assert [(s["step"], s["reason"]) for s in starts] == [(0, NEW_RUN), (4, ends[0]["reason"])], starts
     assert sorted({m["step"] for m in metrics(run) if "train/loss" in m}) == list(range(1, 17))
+
+
+@pytest.mark.slow
+def test_submitit_local_job_requeues_after_a_killed_rank_and_resumes(shards, tmp_path, monkeypatch):
+    """kill -9 of rank 1 once step 6 is done, past the checkpoint of step 4, in a job of submitit's
+    local executor: rank 0 ends on the broken collective (a traceback), decides to requeue
+    (progress since the start) and hands over to submitit's requeue, which starts both tasks
+    again; the job resumes from step 4 and finishes. (On Slurm: test_slurm_train.py.)"""
+    job = submit_with_faults(monkeypatch, tmp_path, shards, ["checkpoint.every_steps=4", "engine.dist_timeout_s=30"],
+                             {"CVTKIT_KILL_RANK_AT_STEP": "6:1"}, cluster="local")
+    codes = job.results()
+    logs = submitit_logs(tmp_path)
+    assert codes == [0, 0], logs
+    run = tmp_path / "tiny_cpu"
+    ends = [json.loads(line) for line in (run / REQUEUES_FILE).read_text().splitlines()]
+    assert len(ends) == 1 and ends[0]["requeue"] and ends[0]["checkpoint_step"] == 4, ends
+    assert f"[cvtkit] requeue: {ends[0]['reason']}" in logs and "Requeued job" in logs, logs
+    assert "Traceback" in logs and "finished 16 steps" in logs, logs
+    starts = [json.loads(line) for line in (run / STARTS_FILE).read_text().splitlines()]
+    assert [(s["step"], s["reason"]) for s in starts] == [(0, NEW_RUN), (4, ends[0]["reason"])], starts
 
 
 @pytest.mark.slow

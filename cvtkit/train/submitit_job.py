@@ -5,17 +5,34 @@ submitit runs `TrainJob()(entry, argv)` in every task and, on its preemption / t
 so the trainer's handler only sets a flag; at the next step boundary all ranks save together and
 then hand the signal to submitit's handler, whose `checkpoint()` here merely resubmits the same
 job: the run folder holds the checkpoint, and the restarted job resumes from it.
+
+After any other end but 0, rank 0 decides as the job script does after srun (`requeue.py`: exit 2
+never; a failure when the run made progress since the previous end, else within
+`CVTKIT_RESTARTS_WITHOUT_PROGRESS`; one line either way, and a line of `RUN/requeues.jsonl`), and
+requeues through that same handler of submitit: `checkpoint()`, the dump of the job it returns,
+`scontrol requeue` (Slurm kills the other tasks) or, with the local executor, the exit that makes
+submitit start the tasks again. An exception is a bug: its traceback goes to the log first. A
+stalled rank 0 decides in the watchdog's thread before it exits 76. Only rank 0 decides (one
+decision per end): a job whose rank 0 is killed outright, or frozen, ends without a requeue
+(the sbatch path decides outside the tasks). The debug executor runs in this process: no requeue.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 import submitit
+from submitit.core.job_environment import SignalHandler
+from submitit.core.utils import UncompletedJobError
 
+from . import watchdog
 from .cli import finetune_main, pretrain_main
+from .requeue import should_requeue
+from .trainer import EXIT_REQUEUE
 
 ENTRIES = {"pretrain": pretrain_main, "finetune": finetune_main}
 
@@ -27,9 +44,43 @@ class TrainJob(submitit.helpers.Checkpointable):
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(submitit.JobEnvironment().num_tasks //
                                                       max(1, submitit.JobEnvironment().num_nodes)))
-        return ENTRIES[entry](list(argv))
+        self.decided = False  # whether this end's requeue was decided here (else `checkpoint` records it)
+        watchdog.before_stall_exit(lambda code: self._end(code, argv))  # its exit cannot come back here
+        try:
+            rc = ENTRIES[entry](list(argv))
+        except UncompletedJobError:  # submitit's handler declined to requeue after a preemption: its word
+            raise
+        except Exception:
+            self._end(1, argv, before_requeue=traceback.print_exc)
+            raise  # not requeued: submitit records the error and the traceback
+        if rc != 0:
+            self._end(rc, argv)
+        return rc
+
+    def _end(self, rc: int, argv: list[str], before_requeue=None) -> None:
+        """On rank 0, the decision after an end with `rc` and, to requeue, submitit's handler of its
+        preemption signal, which does not return (its exit, or `scontrol requeue` ending the job)."""
+        env = submitit.JobEnvironment()
+        if env.global_rank != 0:
+            return
+        signum = getattr(signal, f"SIG{env.USR_SIG}")
+        handler = signal.getsignal(signum)  # the trainer has put submitit's back (StopSignals.restore)
+        if getattr(handler, "__func__", None) is not SignalHandler.checkpoint_and_try_requeue:
+            print(f"[cvtkit] no requeue: exit {rc}, and submitit's {env.cluster} executor cannot requeue",
+                  flush=True)
+            return
+        self.decided = True
+        if should_requeue(rc, argv):
+            if before_requeue is not None:
+                before_requeue()
+            handler(signum, None)
 
     def checkpoint(self, entry: str, argv: list[str]) -> submitit.helpers.DelayedSubmission:
+        """The job submitit requeues: the same one, without the faults of tests/fault_train.py's
+        subclass (the run folder holds the state). Called by submitit's handler on rank 0, after a
+        decision above or, on a preemption, directly: that end is recorded here."""
+        if not getattr(self, "decided", False):
+            should_requeue(EXIT_REQUEUE, argv)  # "saved after a preemption signal": always requeued
         return submitit.helpers.DelayedSubmission(TrainJob(), entry, argv)
 
 

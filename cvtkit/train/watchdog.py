@@ -12,6 +12,9 @@ exception (exit 1: not requeued) and no word on where they were. The watchdog no
 the stuck rank and on the waiting ones alike, and exits with a code the job script requeues.
 Progress is only the loop's own: a step, a validation batch, each phase of a save (the
 checkpointer calls back), so a long validation or save never trips it, and a save that hangs does.
+
+The job script decides after the exit whether to requeue; submitit's job runs inside the process,
+so it decides before the exit, in the watchdog's thread (`before_stall_exit`).
 """
 from __future__ import annotations
 
@@ -20,11 +23,22 @@ import os
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
+from typing import Callable
 
 STALLS_DIR = "stalls"  # in the run folder: one stack dump per stalled rank and stall
 # The stalled rank's exit code; slurm/train_job.sh requeues on it as on EXIT_REQUEUE (75).
 EXIT_STALL = 76
+_before_exit: Callable[[int], None] | None = None
+
+
+def before_stall_exit(hook: Callable[[int], None] | None) -> None:
+    """`hook(EXIT_STALL)` runs in the watchdog's thread before a stalled process exits (the one hook of
+    the process; None: none). It may end the process with SystemExit(code) (submitit's requeue
+    does): the process then exits with that code."""
+    global _before_exit
+    _before_exit = hook
 
 
 class StallWatchdog:
@@ -74,5 +88,16 @@ class StallWatchdog:
         print(f"[cvtkit] rank {self.rank}: no progress for {idle:.0f} s (guard.stall_timeout_s="
               f"{self.timeout_s:g}) since {self.what}; every thread's stack is in {path}; exiting with "
               f"{EXIT_STALL} to be requeued", file=sys.stderr, flush=True)
-        # No cleanup can run: the main thread is the one that is stuck.
-        os._exit(EXIT_STALL)
+        # No cleanup can run: the main thread is the one that is stuck. In this thread only
+        # os._exit ends the process, also after a hook's SystemExit or bug (whose traceback stays).
+        code = EXIT_STALL
+        try:
+            if _before_exit is not None:
+                _before_exit(EXIT_STALL)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else EXIT_STALL
+        except BaseException:
+            traceback.print_exc()
+            raise
+        finally:
+            os._exit(code)
