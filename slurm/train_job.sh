@@ -36,7 +36,8 @@ rc=$?
 # Requeue or not (cvtkit/train/requeue.py): 75 (saved after a signal) always; 2 (bad input) and 0
 # never; any other failure (a crash, 76 from the stall watchdog) when the run saved a newer
 # checkpoint since the last end, else at most CVTKIT_RESTARTS_WITHOUT_PROGRESS (2) times in a row.
-# Each decision is a line of the run folder's requeues.jsonl.
+# Each decision is a line of the run folder's requeues.jsonl; the next start's line of
+# starts.jsonl gives its reason.
 if [ "$rc" -ne 0 ] && PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m cvtkit.train.requeue "$rc" "${args[@]}"; then
     echo "[$(date -Is)] exit $rc: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" && exit 0

@@ -9,12 +9,14 @@ job: the run folder holds the checkpoint, and the restarted job resumes from it.
 After any other end but 0, rank 0 decides as the job script does after srun (`requeue.py`: exit 2
 never; a failure when the run made progress since the previous end, else within
 `CVTKIT_RESTARTS_WITHOUT_PROGRESS`; one line either way, and a line of `RUN/requeues.jsonl`), and
-requeues through that same handler of submitit: `checkpoint()`, the dump of the job it returns,
-`scontrol requeue` (Slurm kills the other tasks) or, with the local executor, the exit that makes
-submitit start the tasks again. An exception is a bug: its traceback goes to the log first. A
-stalled rank 0 decides in the watchdog's thread before it exits 76. Only rank 0 decides (one
-decision per end): a job whose rank 0 is killed outright, or frozen, ends without a requeue
-(the sbatch path decides outside the tasks). The debug executor runs in this process: no requeue.
+requeues through that same handler of submitit (reused, not copied; it logs the requeue as a
+preemption): `checkpoint()`, the dump of the job it returns, `scontrol requeue` (Slurm kills the
+other tasks) or, with the local executor, the exit that makes submitit start the tasks again (its
+controller restarts a job whose task exits 144). An exception is a bug: its traceback goes to the
+log first. A stalled rank 0 decides in the watchdog's thread before it exits 76. Only rank 0
+decides (one decision per end): a job whose rank 0 is killed outright, or frozen, ends without a
+requeue (the sbatch path decides outside the tasks). The debug executor runs in this process: no
+requeue, one line.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import submitit
 from submitit.core.job_environment import SignalHandler
@@ -53,11 +56,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         except Exception:
             self._end(1, argv, before_requeue=traceback.print_exc)
             raise  # not requeued: submitit records the error and the traceback
+        finally:
+            watchdog.before_stall_exit(None)  # the trainer's watchdog has stopped
         if rc != 0:
             self._end(rc, argv)
         return rc
 
-    def _end(self, rc: int, argv: list[str], before_requeue=None) -> None:
+    def _end(self, rc: int, argv: list[str], before_requeue: Callable[[], object] | None = None) -> None:
         """On rank 0, the decision after an end with `rc` and, to requeue, submitit's handler of its
         preemption signal, which does not return (its exit, or `scontrol requeue` ending the job)."""
         env = submitit.JobEnvironment()
