@@ -17,10 +17,11 @@ def _train(rank, world, rendezvous, name, extra, res, results):
     torch.manual_seed(0)
     model = create_model(name, num_classes=4, **extra)
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
               "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "gradient_clipping": 1.0}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(model, 0.05),
-                                           config=config)
+    # torch's AdamW, as the trainer passes it (cvtkit.train.engine.build_optimizer): DeepSpeed's own
+    # "AdamW" would compile its CPU Adam extension first (about a minute on 2 cores)
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=1e-3)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(4, 3, res, res, generator=g).bfloat16()
     y = torch.randint(0, 4, (4,), generator=g)

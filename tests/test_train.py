@@ -21,7 +21,7 @@ from cvtkit.train.trainer import EXIT_REQUEUE
 from cvtkit.models.factory import build_model
 
 from helpers import (REPO, TINY_CONFIG, assert_same_model, dump_loaded, make_tiny_shards, metrics,
-                     submit_with_faults, submitit_logs, train, train_argv, train_losses, wait)
+                     spawn, submit_with_faults, submitit_logs, train, train_argv, train_losses, wait)
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +112,10 @@ def test_bad_input_is_one_line(shards, tmp_path):
              (["checkpoint.resume=require"], "has no complete checkpoint"),
              (["data.batch_size=18", "engine.micro_batch=4"], "data.batch_size=18 is not engine.micro_batch=4"),
              (["optim.lr=-1"], "optim.lr: expected a positive")]
-    for overrides, expected in cases:
-        codes, out = train(tmp_path, shards, overrides, nproc=1)
+    # all at once, each in its own run folder: seven start-ups share the cores instead of queueing
+    runs = [spawn(1, train_argv(tmp_path / f"case{i}", shards, overrides)) for i, (overrides, _) in enumerate(cases)]
+    for procs, (overrides, expected) in zip(runs, cases):
+        codes, out = wait(procs)
         assert codes == [2], out
         errors = [line for line in out.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0], out
