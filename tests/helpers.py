@@ -133,9 +133,14 @@ def dump_loaded(run_root: Path, shards: str, overrides: list[str] = (), nproc: i
     return dump
 
 
+def jsonl(path: Path) -> list[dict]:
+    """The records of a run folder's `.jsonl` log (metrics, starts, requeues, events)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
 def metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return jsonl(path) if path.is_file() else []
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -1,6 +1,5 @@
 """The real job scripts on a real (single-node) Slurm: sbatch slurm/pretrain_w24.sh with a tiny
 override, preemption -> save -> requeue -> resume, and the submitit path."""
-import json
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from cvtkit.checkpoint import complete_tags, tag_for
 
 from cvtkit.train.metrics import NEW_RUN, REQUEUES_FILE, STARTS_FILE
 
-from helpers import (REPO, TINY_CONFIG, job_env, job_field, make_tiny_shards, metrics, submit_with_faults,
+from helpers import (REPO, TINY_CONFIG, jsonl, job_env, job_field, make_tiny_shards, metrics, submit_with_faults,
                      submitit_logs)
 
 # Two CPU tasks on one node instead of 4 nodes x 8 GPUs; everything else is the script's own.
@@ -72,7 +71,7 @@ def test_preempted_job_saves_requeues_and_resumes(shards, tmp_path, slurm_cluste
     log = (tmp_path / "job.log").read_text()
     assert job_field(job_id, "JobState") == "COMPLETED", log
     assert "stopped by signal" in log and "requeueing job" in log and "(restart 1)" in log
-    starts = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]
+    starts = jsonl(run / STARTS_FILE)
     assert [s["slurm_restart_count"] for s in starts] == [None, "1"]
     assert starts[1]["step"] > 0  # resumed, not restarted
     assert sorted({m["step"] for m in metrics(run) if "train/loss" in m}) == list(range(1, 25))
@@ -107,10 +106,10 @@ def test_a_submitit_job_with_a_killed_rank_requeues_and_finishes(shards, tmp_pat
     assert job_field(job.job_id, "JobState") == "COMPLETED" and job_field(job.job_id, "Restarts") == "1", logs
     assert job.results() == [0, 0], logs
     run = tmp_path / "tiny_cpu"
-    ends = [json.loads(line) for line in (run / REQUEUES_FILE).read_text().splitlines()]
+    ends = jsonl(run / REQUEUES_FILE)
     assert len(ends) == 1 and ends[0]["requeue"] and ends[0]["checkpoint_step"] == 4, ends
     assert f"[cvtkit] requeue: {ends[0]['reason']}" in logs and "finished 16 steps" in logs, logs
-    starts = [json.loads(line) for line in (run / STARTS_FILE).read_text().splitlines()]
+    starts = jsonl(run / STARTS_FILE)
     assert [(s["step"], s["reason"], s["slurm_restart_count"]) for s in starts] == \
         [(0, NEW_RUN, None), (4, ends[0]["reason"], "1")], starts
 
@@ -159,9 +158,9 @@ def test_a_crashed_job_requeues_after_progress(shards, tmp_path, slurm_cluster):
     text = log.read_text()
     assert job_field(job_id, "JobState") == "COMPLETED" and job_field(job_id, "Restarts") == "1", text
     assert "requeueing job" in text and "finished 16 steps" in text, text
-    ends = [json.loads(line) for line in (run / "requeues.jsonl").read_text().splitlines()]
+    ends = jsonl(run / REQUEUES_FILE)
     assert len(ends) == 1 and ends[0]["requeue"] and ends[0]["progress"] and ends[0]["checkpoint_step"] >= 4, ends
-    starts = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]
+    starts = jsonl(run / STARTS_FILE)
     assert [s["slurm_restart_count"] for s in starts] == [None, "1"] and starts[1]["step"] >= 4
 
 
@@ -180,7 +179,7 @@ def test_a_job_failing_before_any_checkpoint_stops_after_its_budget(shards, tmp_
     _wait_for_end(job_id, log)
     text = log.read_text()
     assert job_field(job_id, "Restarts") in ("1", "GONE"), text
-    ends = [json.loads(line) for line in (run / "requeues.jsonl").read_text().splitlines()]
+    ends = jsonl(run / REQUEUES_FILE)
     assert [e["requeue"] for e in ends] == [True, False] and not any(e["progress"] for e in ends), ends
     lines = [line for line in text.splitlines() if "no requeue:" in line]
     assert len(lines) == 1 and "2 ends in a row without a new checkpoint" in lines[0], text
@@ -208,5 +207,5 @@ def test_a_frozen_rank_job_requeues_and_resumes(shards, tmp_path, slurm_cluster)
     assert job_field(job_id, "JobState") == "COMPLETED" and job_field(job_id, "Restarts") == "1", text
     assert "no progress for" in text and "requeueing job" in text and "finished 16 steps" in text, text
     assert list((run / "stalls").glob("rank*.txt")), text
-    starts = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]
+    starts = jsonl(run / STARTS_FILE)
     assert [s["slurm_restart_count"] for s in starts] == [None, "1"] and starts[1]["step"] >= 4

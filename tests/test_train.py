@@ -1,6 +1,5 @@
 """The training engine for real: DeepSpeed ZeRO 1-3 over two gloo processes on CPU, tiny CvT/CeiT,
 tiny learnable shards; exact resume, signals, elastic resume, loud failures."""
-import json
 import math
 import os
 import signal
@@ -20,7 +19,7 @@ from cvtkit.train.trainer import EXIT_REQUEUE
 
 from cvtkit.models.factory import build_model
 
-from helpers import (REPO, TINY_CONFIG, assert_same_model, dump_loaded, make_tiny_shards, metrics,
+from helpers import (REPO, TINY_CONFIG, jsonl, assert_same_model, dump_loaded, make_tiny_shards, metrics,
                      spawn, submit_with_faults, submitit_logs, train, train_argv, train_losses, wait)
 
 
@@ -276,9 +275,9 @@ def test_submitit_usr2_to_one_rank_saves_requeues_through_submitit_and_resumes(s
     run = tmp_path / "tiny_cpu"
     assert "stopped by signal at step 4/16" in logs and "Requeued job" in logs, logs
     assert f"resumed from {run / 'checkpoints' / tag_for(4)} at step 4" in logs and "finished 16 steps" in logs
-    ends = [json.loads(line) for line in (run / REQUEUES_FILE).read_text().splitlines()]  # by TrainJob.checkpoint
+    ends = jsonl(run / REQUEUES_FILE)  # by TrainJob.checkpoint
     assert [(e["rc"], e["requeue"]) for e in ends] == [(EXIT_REQUEUE, True)], ends
-    starts = [json.loads(line) for line in (run / STARTS_FILE).read_text().splitlines()]
+    starts = jsonl(run / STARTS_FILE)
     assert [(s["step"], s["reason"]) for s in starts] == [(0, NEW_RUN), (4, ends[0]["reason"])], starts
     assert sorted({m["step"] for m in metrics(run) if "train/loss" in m}) == list(range(1, 17))
 
@@ -295,11 +294,11 @@ def test_submitit_local_job_requeues_after_a_killed_rank_and_resumes(shards, tmp
     logs = submitit_logs(tmp_path)
     assert codes == [0, 0], logs
     run = tmp_path / "tiny_cpu"
-    ends = [json.loads(line) for line in (run / REQUEUES_FILE).read_text().splitlines()]
+    ends = jsonl(run / REQUEUES_FILE)
     assert len(ends) == 1 and ends[0]["requeue"] and ends[0]["checkpoint_step"] == 4, ends
     assert f"[cvtkit] requeue: {ends[0]['reason']}" in logs and "Requeued job" in logs, logs
     assert "Traceback" in logs and "finished 16 steps" in logs, logs
-    starts = [json.loads(line) for line in (run / STARTS_FILE).read_text().splitlines()]
+    starts = jsonl(run / STARTS_FILE)
     assert [(s["step"], s["reason"]) for s in starts] == [(0, NEW_RUN), (4, ends[0]["reason"])], starts
 
 
@@ -386,7 +385,7 @@ def test_diverging_run_stops_without_saving_bad_weights(shards, tmp_path):
                                           "engine.max_nonfinite=2", "schedule.warmup_steps=0"], nproc=1)
     assert codes == [1], out
     assert "not finite" in out
-    events = [json.loads(line) for line in (tmp_path / "tiny_cpu" / EVENTS_FILE).read_text().splitlines()]
+    events = jsonl(tmp_path / "tiny_cpu" / EVENTS_FILE)
     assert events and all(e["event"] == "nonfinite" and e["steps"] >= 1 for e in events), events
     ckpt = tmp_path / "tiny_cpu/checkpoints"
     tag = latest_complete(ckpt)
