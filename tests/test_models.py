@@ -409,3 +409,24 @@ def test_batchnorm_stays_fp32_under_bf16_parameters():
     for p in model.parameters():
         p.data = p.data.bfloat16()
     assert model(torch.randn(2, 3, 48, 48).bfloat16()).dtype == torch.bfloat16
+
+
+def test_drop_path_draws_as_timms():
+    """Ours (kept out of timm's import) drops and scales the same samples with the same draws."""
+    from timm.layers import DropPath as TimmDropPath
+
+    from cvtkit.models.layers import DropPath
+    x = torch.randn(64, 5, 8)
+    ours, theirs = DropPath(0.3), TimmDropPath(0.3)
+    outputs = {}
+    for train in (True, False):
+        ours.train(train), theirs.train(train)
+        torch.manual_seed(1)
+        expected = theirs(x)
+        torch.manual_seed(1)
+        outputs[train] = ours(x)
+        assert torch.equal(outputs[train], expected)
+    kept = outputs[True].flatten(1).any(1)
+    assert 0 < kept.sum() < 64
+    torch.testing.assert_close(outputs[True][kept], x[kept] / 0.7)  # the kept ones scaled by 1 / keep
+    assert torch.equal(outputs[False], x) and ours.extra_repr() == theirs.extra_repr()

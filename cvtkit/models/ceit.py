@@ -13,10 +13,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
 
 from .factory import CENTER_224, CENTER_384, register_model
-from .layers import ATTN_IMPLS, Backbone, BatchNorm2dFp32, attention, checkpointed, trunc_normal_linear_init
+from .layers import ATTN_IMPLS, Backbone, BatchNorm2dFp32, DropPath, attention, checkpointed, trunc_normal_linear_init
 
 
 class Image2Tokens(nn.Module):

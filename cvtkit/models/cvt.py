@@ -13,10 +13,9 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
 
 from .factory import CENTER_224, SQUASH_384, register_model
-from .layers import (ATTN_IMPLS, Backbone, BatchNorm2dFp32, LayerNormFp32, QuickGELU, attention,
+from .layers import (ATTN_IMPLS, Backbone, BatchNorm2dFp32, DropPath, LayerNormFp32, QuickGELU, attention,
                      checkpointed, trunc_normal_linear_init)
 
 LayerNorm = partial(LayerNormFp32, eps=1e-5)

@@ -19,6 +19,29 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth per sample, as timm's `DropPath` (the same draws, so the same runs): in
+    training each sample's residual branch is kept with probability `1 - drop_prob` and scaled by
+    its inverse. Ours because importing timm costs every rank about 2 s at start."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, ...] -> [B, ...]`."""
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        if keep > 0.0:
+            mask.div_(keep)
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:0.3f}"
+
+
 class LayerNormFp32(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back, as CvT's `LayerNorm`.
 
