@@ -115,8 +115,9 @@ def test_lost_node_ends_the_run_and_the_requeued_job_resumes(shards, tmp_path, s
     assert "Not responding" in subprocess.run(["sinfo", "-R", "-h"], capture_output=True, text=True).stdout
     assert "Node failure on node2" in log.read_text()
 
-    subprocess.run([str(REPO / "slurm/local_cluster.sh"), "start", "--nodes", "2"], check=True,
-                   capture_output=True, timeout=120)  # node2 returns: link up, slurmd restarted
+    back = subprocess.run([str(REPO / "slurm/local_cluster.sh"), "start", "--nodes", "2"], capture_output=True,
+                          text=True, timeout=120)  # node2 returns: link up, slurmd restarted
+    assert back.returncode == 0, back.stdout + back.stderr
     wait_for("the requeued job to finish", lambda: job_field(job, "JobState") in FINISHED, 240, log)
     text = log.read_text()
     assert job_field(job, "JobState") == "COMPLETED", text
