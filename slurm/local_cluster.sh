@@ -112,10 +112,8 @@ network_up() {
             # a veth left from a namespace that outlived its name (see network_down) goes first
             ip link del "cvtk-h$i" 2>/dev/null || true
             ip link add "cvtk-h$i" type veth peer name "$IFACE" netns "$ns"
+            ip -n "$ns" addr add "$NET.$((10 + i))/24" dev "$IFACE"
         fi
-        # `replace`: the address may still be there from the veth just replaced (seen once, with
-        # the machine busy: "Address already assigned" from `add`)
-        ip -n "$ns" addr replace "$NET.$((10 + i))/24" dev "$IFACE"
         ip link set "cvtk-h$i" master "$BRIDGE" up
         ip -n "$ns" link set lo up
         ip -n "$ns" link set "$IFACE" up
