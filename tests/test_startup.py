@@ -11,6 +11,7 @@ from helpers import REPO, make_tiny_shards, train_argv
 PROBE = """
 import json, pathlib, runpy, sys
 report, sys.argv = sys.argv[1], sys.argv[2:]
+code = 0  # the entry returned without sys.exit
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit as e:
