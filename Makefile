@@ -25,13 +25,14 @@ $(SETUP_STAMP): pyproject.toml
 	@touch $@
 
 # The whole suite (CI's command; `.ci/run` also sets CVTKIT_NO_SKIP=1, so that a Slurm or tmpfs
-# test that cannot run here fails instead of skipping).
+# test that cannot run here fails instead of skipping), on two workers: the Slurm tests share one
+# worker (tests/conftest.py), and the ranks' start-up on one core overlaps another test's waits.
 test: setup
-	$(PY) -m pytest -q -ra -m "not gpu" --durations=20
+	$(PY) -m pytest -q -ra -m "not gpu" --durations=20 -n 2 --dist loadgroup
 
 # All but the slow end-to-end tests (`@pytest.mark.slow`): a few minutes, while you work.
 test-fast: setup
-	$(PY) -m pytest -q -ra -m "not slow and not gpu"
+	$(PY) -m pytest -q -ra -m "not slow and not gpu" -n 2 --dist loadgroup
 
 # Step 1 of the GPU proof, where PyPI answers: the wheels a bare GPU machine lacks (DeepSpeed built
 # here, webdataset, submitit, simplejpeg and what they need), for CPython 3.12 on manylinux

@@ -103,7 +103,7 @@ EOF
 network_up() {
     local nodes=$1 i ns
     ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
-    ip addr show dev "$BRIDGE" | grep -qF "inet $NET.1/24" || ip addr add "$NET.1/24" dev "$BRIDGE"
+    ip addr replace "$NET.1/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
     for i in $(seq 1 "$nodes"); do
         ns=cvtk-node$i

@@ -15,7 +15,8 @@ set -uo pipefail
 source "$REPO/slurm/env.sh"
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${hosts%%$'\n'*}
 export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 args=()
 case " $* " in *" --config "*) ;; *) args+=(--config "${CVTKIT_CONFIG:-$CONFIG}") ;; esac
