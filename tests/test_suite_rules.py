@@ -1,6 +1,7 @@
 """The suite's own rules: tests that need root or a local Slurm skip elsewhere and fail in CI; under
 `make test`'s two xdist workers the Slurm tests share one worker."""
 import os
+import re
 import subprocess
 import sys
 
@@ -68,17 +69,25 @@ def test_on_slurm(slurm_cluster, i):
 """
 
 
+def make_test_xdist_options() -> list[str]:
+    """The xdist options of the Makefile's `test` recipe (`-n N --dist MODE`)."""
+    recipe = re.search(r"^test:.*\n\t(.*)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    found = re.search(r"-n (\d+) --dist (\w+)", recipe)
+    assert found, f"no xdist options in make test's recipe: {recipe}"
+    return ["-n", found[1], "--dist", found[2]]
+
+
 def test_two_workers_run_every_slurm_test_on_the_same_one(tmp_path):
-    """`make test`'s own options over a suite of plain tests and tests of the `slurm_cluster`
-    fixture, with tests/conftest.py's hook: every Slurm test runs on one worker."""
+    """`make test`'s own xdist options over a suite of plain tests and tests of the
+    `slurm_cluster` fixture, with tests/conftest.py's hook: every Slurm test runs on one worker."""
     suite, out = tmp_path / "suite", tmp_path / "workers"
     suite.mkdir(), out.mkdir()
     (suite / "conftest.py").write_text(SPREAD_CONFTEST.format(conftest=str(REPO / "tests" / "conftest.py")))
     (suite / "test_spread.py").write_text(SPREAD_TESTS)
     env = {**os.environ, "WORKERS_OUT": str(out),
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
-                           "--dist", "loadgroup", str(suite)], cwd=suite, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *make_test_xdist_options(),
+                           str(suite)], cwd=suite, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     workers = {p.name: p.read_text() for p in out.iterdir()}
     assert len(workers) == 26 and set(workers.values()) == {"gw0", "gw1"}, workers
